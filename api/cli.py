@@ -1,0 +1,221 @@
+"""`cat-breeds-api`: serve, classify files (locally or against a server), write the demo model."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, TextIO
+
+import httpx
+from tqdm import tqdm
+
+from api.config import Settings, load_settings
+from api.errors import CatBreedsError, RequestError, StartupError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".mpo"}
+LOCAL_BATCH = 16
+
+Result = dict[str, Any]
+
+
+def _fail(message: str, code: int = 2) -> None:
+    sys.stderr.write(f"cat-breeds-api: {message}\n")
+    raise SystemExit(code)
+
+
+def _settings(**overrides: Any) -> Settings:
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except StartupError as error:
+        _fail(f"configuration error: {error}")
+        raise  # unreachable; keeps type checkers honest
+
+
+# --- serve -----------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from api.logs import configure_logging
+    from api.main import create_app
+
+    settings = _settings(host=args.host, port=args.port)
+    configure_logging(settings.log_level)
+    common: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level.lower(),
+        "timeout_graceful_shutdown": settings.graceful_timeout_s,
+    }
+    if args.reload:
+        # The reloader re-imports `api.main:app`, which reads the environment: pass overrides there.
+        os.environ.update({"API_HOST": settings.host, "API_PORT": str(settings.port)})
+        uvicorn.run("api.main:app", reload=True, reload_dirs=[str(Path(__file__).parent)], **common)
+    else:
+        uvicorn.run(create_app(settings), **common)
+
+
+# --- predict ---------------------------------------------------------------------------------------
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES))
+        elif path.is_file():
+            files.append(path)
+        else:
+            _fail(f"no such file or folder: {path}")
+    if not files:
+        _fail("no images found in the given paths")
+    return files
+
+
+def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _predict_remote(files: list[Path], url: str, top_k: int | None, bar: tqdm) -> Iterator[Result]:
+    endpoint = url.rstrip("/") + "/api/v1/predict"
+    params = {"top_k": top_k} if top_k else {}
+    with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+        for path in files:
+            try:
+                with path.open("rb") as stream:
+                    response = client.post(endpoint, params=params, files={"file": (path.name, stream)})
+            except httpx.HTTPError as error:
+                _fail(f"cannot reach {endpoint}: {error}", code=1)
+            body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
+            if response.status_code == 200:
+                yield {"path": str(path), "predictions": body["predictions"]}
+            else:
+                error = body.get("error", {"code": f"http_{response.status_code}", "message": response.text[:200]})
+                yield {"path": str(path), "error": error}
+            bar.update(1)
+
+
+def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar: tqdm) -> Iterator[Result]:
+    import torch
+
+    from api.main import load_configured_classifier
+    from api.preprocess import decode_image
+
+    try:
+        classifier = load_configured_classifier(settings)
+    except StartupError as error:
+        _fail(str(error), code=1)
+    k = top_k or settings.top_k
+    for chunk in _chunks(files, LOCAL_BATCH):
+        tensors, kept, results = [], [], {}
+        for path in chunk:
+            try:
+                decoded = decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels)
+                tensors.append(classifier.preprocess(decoded.image))
+                kept.append(path)
+            except RequestError as error:
+                results[path] = {"path": str(path), "error": {"code": error.code, "message": error.message}}
+        if tensors:
+            scores = classifier.predict(torch.stack(tensors))
+            for row, path in enumerate(kept):
+                ranked = classifier.rank(scores[row], k)
+                results[path] = {
+                    "path": str(path),
+                    "predictions": [{"index": i, "label": name, "score": score} for i, name, score in ranked],
+                }
+        for path in chunk:
+            yield results[path]
+        bar.update(len(chunk))
+
+
+def _write(results: list[Result], fmt: str, out: TextIO) -> None:
+    if fmt == "json":
+        json.dump(results, out, indent=2)
+        out.write("\n")
+    elif fmt == "csv":
+        writer = csv.writer(out)
+        writer.writerow(["path", "rank", "index", "label", "score", "error"])
+        for result in results:
+            if "error" in result:
+                writer.writerow([result["path"], "", "", "", "", result["error"]["code"]])
+            for rank, item in enumerate(result.get("predictions", []), start=1):
+                writer.writerow([result["path"], rank, item["index"], item["label"], f"{item['score']:.6f}", ""])
+    else:
+        for result in results:
+            if "error" in result:
+                out.write(f"{result['path']}: error {result['error']['code']}: {result['error']['message']}\n")
+            else:
+                best = ", ".join(f"{p['label']} {p['score']:.1%}" for p in result["predictions"])
+                out.write(f"{result['path']}: {best}\n")
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    files = _expand(args.paths)
+    with tqdm(total=len(files), unit="img", disable=len(files) < 2 or args.quiet, file=sys.stderr) as bar:
+        if args.url:
+            results = list(_predict_remote(files, args.url, args.top_k, bar))
+        else:
+            results = list(_predict_local(files, _settings(checkpoint_path=args.checkpoint), args.top_k, bar))
+    if args.output:
+        with args.output.open("w", encoding="utf-8", newline="") as out:
+            _write(results, args.format, out)
+    else:
+        _write(results, args.format, sys.stdout)
+    if any("error" in r for r in results):
+        raise SystemExit(1)
+
+
+# --- demo-model ------------------------------------------------------------------------------------
+
+
+def cmd_demo_model(args: argparse.Namespace) -> None:
+    from api.demo import write_demo_model
+
+    try:
+        path = write_demo_model(args.output, overwrite=args.force)
+    except CatBreedsError as error:
+        _fail(str(error), code=1)
+    sys.stdout.write(f"{path}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cat-breeds-api", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service (settings from API_* / .env)")
+    serve.add_argument("--host", help="bind address (default API_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default API_PORT, 8000)")
+    serve.add_argument("--reload", action="store_true", help="restart on code changes (development)")
+    serve.set_defaults(func=cmd_serve)
+
+    predict = commands.add_parser("predict", help="classify image files or folders")
+    predict.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    predict.add_argument("--url", help="classify with a running server (e.g. http://127.0.0.1:8000)")
+    predict.add_argument("--checkpoint", type=Path, help="local mode: checkpoint (default API_CHECKPOINT_PATH)")
+    predict.add_argument("--top-k", type=int, help="labels per image (default API_TOP_K)")
+    predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
+    predict.add_argument("--output", "-o", type=Path, help="write results here instead of stdout")
+    predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    predict.set_defaults(func=cmd_predict)
+
+    demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")
+    demo.add_argument("--output", type=Path, default=Path("models/demo"), help="folder to write (models/demo)")
+    demo.add_argument("--force", action="store_true", help="overwrite an existing demo model")
+    demo.set_defaults(func=cmd_demo_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()

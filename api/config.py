@@ -1,0 +1,138 @@
+"""Settings: environment (`API_*`, plus `LOG_LEVEL`) and `.env` -> one typed object.
+
+Precedence, highest first: arguments to `Settings(...)`, environment variables, the `.env` file,
+the defaults below. A setting left unset (`None`) defers to the checkpoint's own metadata, then
+to the documented fallback, so a value is only "wrong" when someone actually chose it.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from api.errors import ConfigError
+
+ENV_PREFIX = "API_"
+DEFAULT_MODEL_NAME = "resnet50"
+DEFAULT_NUM_CLASSES = 67
+_DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
+
+
+class Settings(BaseSettings):
+    """Everything an operator can set. Field `x` is read from `API_X` unless noted."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        populate_by_name=True,
+    )
+
+    # --- the model -------------------------------------------------------------------------------
+    checkpoint_path: Path | None = Field(
+        None,
+        description="Checkpoint file (.pt/.pth/.bin/.safetensors, TorchScript) or timm model folder.",
+    )
+    model_name: str | None = Field(
+        None,
+        description=f"timm architecture; unset: from the checkpoint, else {DEFAULT_MODEL_NAME}.",
+    )
+    num_classes: int | None = Field(
+        None, ge=1, description=f"Classifier outputs; unset: from the checkpoint, else {DEFAULT_NUM_CLASSES}."
+    )
+    image_size: int | None = Field(
+        None, ge=16, le=4096, description="Input size in pixels; unset: the architecture's data config."
+    )
+    class_names_path: Path | None = Field(
+        None, description="Labels file (JSON list/dict or one name per line); else classes.json/txt beside."
+    )
+    use_ema: bool = Field(True, description="Prefer EMA weights when the checkpoint holds both.")
+    multi_label: bool = Field(False, description="Sigmoid head: answer every label above the threshold.")
+    threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score threshold for multi-label models.")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+
+    # --- the HTTP service ------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 inside containers).")
+    port: int = Field(8000, ge=1, le=65535)
+    cors_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
+    )
+    top_k: int = Field(5, ge=1, le=1000, description="Labels returned when the request does not say.")
+    max_upload_mb: float = Field(10.0, gt=0, le=1024, description="Largest accepted image, in MiB.")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, description="Largest accepted canvas (width x height), checked before decoding."
+    )
+    max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
+    graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
+    log_level: LogLevel = Field(
+        "INFO", validation_alias=AliasChoices("LOG_LEVEL", "API_LOG_LEVEL"), description="LOG_LEVEL."
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _DEVICE_PATTERN.match(value):
+            raise ValueError("expected one of auto, cpu, cuda, cuda:N, mps")
+        return value
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [origin.strip() for origin in value.split(",") if origin.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("model_name", "checkpoint_path", "class_names_path", mode="before")
+    @classmethod
+    def _blank_is_unset(cls, value: Any) -> Any:
+        # `API_CHECKPOINT_PATH=` in a .env file means "not set", not "the current directory".
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+
+def _env_name(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0]).upper() if loc else "?"
+    if field in ("LOG_LEVEL", "API_LOG_LEVEL"):  # reported under the alias it was read from
+        return field
+    return f"{ENV_PREFIX}{field}"
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per the house rule: the variable, the bad value, what is accepted."""
+    parts = []
+    for item in error.errors(include_url=False):
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{_env_name(item['loc'])}={item.get('input')!r} is invalid: {message}")
+    return "; ".join(parts)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings, turning validation failures into a one-line `ConfigError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise ConfigError(describe_validation_error(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return load_settings()

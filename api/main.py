@@ -1,0 +1,198 @@
+"""Assemble the app: settings -> middleware, routes, error mapping and the model-loading lifespan.
+
+`api.main:app` is what uvicorn and gunicorn import; it is built on first access from the
+environment. Tests and the CLI call `create_app(settings)` with settings of their own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from api import __version__
+from api.config import ConfigError, Settings, get_settings
+from api.engine import InferenceEngine
+from api.errors import RequestError, StartupError
+from api.logs import configure_logging
+from api.metrics import Metrics
+from api.model import Classifier, load_classifier
+from api.routes import health, model, predict
+from api.state import ServiceState
+
+logger = logging.getLogger(__name__)
+
+# Exit status after a failed model load: gunicorn reads 3 as "worker failed to boot" and stops
+# instead of restarting workers that would fail the same way.
+EXIT_LOAD_FAILED = 3
+EXIT_BAD_CONFIG = 2
+
+_NO_CHECKPOINT = (
+    "API_CHECKPOINT_PATH is not set; point it at your checkpoint file or timm model folder "
+    "(e.g. outputs/checkpoints/fold_0/best_model.pt), or run `make run` to serve the demo model"
+)
+
+
+def load_configured_classifier(settings: Settings) -> Classifier:
+    if settings.checkpoint_path is None:
+        raise ConfigError(_NO_CHECKPOINT)
+    return load_classifier(
+        settings.checkpoint_path,
+        model_name=settings.model_name,
+        num_classes=settings.num_classes,
+        image_size=settings.image_size,
+        class_names_path=settings.class_names_path,
+        use_ema=settings.use_ema,
+        multi_label=settings.multi_label,
+        threshold=settings.threshold,
+        device=settings.device,
+    )
+
+
+async def _load_in_background(app: FastAPI, settings: Settings, *, exit_on_failure: bool) -> None:
+    state: ServiceState = app.state.service
+    metrics: Metrics = app.state.metrics
+    try:
+        classifier = await asyncio.to_thread(load_configured_classifier, settings)
+    except StartupError as error:
+        state.set_failed(str(error))
+        logger.error("model load failed: %s", error)
+    except Exception as error:  # an unforeseen failure must still end "loading", with its traceback logged
+        state.set_failed(f"unexpected {type(error).__name__} while loading the model: {error}")
+        logger.exception("model load failed unexpectedly")
+    else:
+        state.set_ready(classifier, InferenceEngine(classifier))
+        metrics.ready.set(1)
+        metrics.load_seconds.set(classifier.load_seconds)
+        _log_ready(classifier)
+        return
+    if exit_on_failure:
+        # Fail fast: never linger half-started. Nothing was accepted (predict answered 503).
+        logging.shutdown()
+        os._exit(EXIT_LOAD_FAILED)
+
+
+def _log_ready(classifier: Classifier) -> None:
+    ckpt = classifier.checkpoint
+    logger.info("device: %s (%s)", classifier.device, classifier.device_reason)
+    logger.info(
+        "model ready: %s, %d classes (labels: %s), checkpoint %s [%s%s] sha256 %s, loaded and warmed up in %.2fs",
+        classifier.architecture,
+        classifier.num_classes,
+        classifier.labels_source,
+        ckpt.path,
+        ckpt.format,
+        f":{ckpt.weights_key}" if ckpt.weights_key else "",
+        ckpt.sha256[:12],
+        classifier.load_seconds,
+    )
+    logger.info("preprocessing: %s", classifier.data_config)
+
+
+def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> FastAPI:
+    """Build the app. Nothing heavy happens here: the model loads in the lifespan, off the loop."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.service = ServiceState()
+        loader = asyncio.create_task(_load_in_background(app, settings, exit_on_failure=exit_on_load_failure))
+        try:
+            yield
+        finally:
+            app.state.service.set_stopping()
+            loader.cancel()
+            engine = app.state.service.engine
+            if engine is not None:
+                await asyncio.to_thread(engine.close)
+
+    app = FastAPI(
+        title="cat-breeds-api",
+        version=__version__,
+        summary="Image classification with a fine-tuned timm model.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics = Metrics()
+    app.state.service = ServiceState()
+
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key"],
+        )
+    app.middleware("http")(metrics.middleware)
+    _add_error_handlers(app)
+    app.include_router(health.router)
+    # Bodies are refused while being read once past these limits (413), never buffered whole.
+    single = settings.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
+    app.include_router(predict.router, max_body_size=single)
+    app.include_router(predict.batch_router, max_body_size=single * settings.max_batch_files)
+    app.include_router(model.router)
+    return app
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError) -> JSONResponse:
+        return _error(error.status, error.code, error.message, error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
+        return _error(422, "validation_error", problems or "invalid request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
+        return _error(
+            error.status_code,
+            codes.get(error.status_code, f"http_{error.status_code}"),
+            str(error.detail),
+            getattr(error, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
+        return _error(500, "internal_error", "internal server error")
+
+
+def app_from_environment() -> FastAPI:
+    """The app for `uvicorn api.main:app`: settings from the environment, one line and exit if invalid."""
+    try:
+        settings = get_settings()
+    except ConfigError as error:
+        sys.stderr.write(f"configuration error: {error}\n")
+        raise SystemExit(EXIT_BAD_CONFIG) from None
+    configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+_app: FastAPI | None = None
+
+
+def __getattr__(name: str) -> Any:
+    # `api.main:app` is built on first access, so importing this module (tests, the CLI, tools)
+    # neither reads the environment nor fails on settings meant for another process.
+    global _app
+    if name == "app":
+        if _app is None:
+            _app = app_from_environment()
+        return _app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

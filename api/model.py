@@ -1,0 +1,242 @@
+"""Load a classifier: checkpoint + timm architecture + labels + preprocessing + device, warmed up."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+
+from api.checkpoint import Checkpoint, read_checkpoint
+from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES
+from api.device import resolve_device
+from api.errors import CheckpointMismatch, ConfigError
+from api.labels import resolve_class_names
+from api.preprocess import build_transform
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Classifier:
+    """A loaded, warmed-up model and everything needed to turn its outputs into answers."""
+
+    model: torch.nn.Module
+    architecture: str
+    class_names: list[str]
+    transform: Callable[[Image.Image], torch.Tensor]
+    data_config: dict[str, Any]
+    device: torch.device
+    device_reason: str
+    checkpoint: Checkpoint
+    multi_label: bool = False
+    threshold: float = 0.5
+    labels_source: str = ""
+    load_seconds: float = 0.0
+    dtype: torch.dtype = torch.float32
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB image -> normalised CHW float tensor (on the CPU)."""
+        return self.transform(image)
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> torch.Tensor:
+        """NCHW batch -> per-class scores on the CPU (softmax, or sigmoid for multi-label heads)."""
+        logits = self.model(batch.to(self.device, dtype=self.dtype))
+        if isinstance(logits, tuple | list):  # some scripted models return (logits, aux)
+            logits = logits[0]
+        logits = logits.float()
+        scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        return scores.cpu()
+
+    def rank(self, scores: torch.Tensor, top_k: int) -> list[tuple[int, str, float]]:
+        """One image's scores -> [(index, label, score)], best first.
+
+        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
+        """
+        if self.multi_label:
+            indices = torch.nonzero(scores >= self.threshold).flatten()
+            order = indices[scores[indices].argsort(descending=True)]
+        else:
+            order = scores.topk(min(top_k, scores.numel())).indices
+        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+
+
+def load_classifier(
+    checkpoint_path: Path,
+    *,
+    model_name: str | None = None,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    class_names_path: Path | None = None,
+    use_ema: bool = True,
+    multi_label: bool = False,
+    threshold: float = 0.5,
+    device: str = "auto",
+) -> Classifier:
+    """Build the classifier described by the checkpoint, with settings as explicit overrides.
+
+    Metadata in the checkpoint wins over settings; a setting that would give wrong answers
+    (e.g. `num_classes` differing from the classifier's outputs) stops the load with both numbers.
+    """
+    started = time.perf_counter()
+    torch_device, device_reason = resolve_device(device)
+    ckpt = read_checkpoint(checkpoint_path, use_ema=use_ema)
+    if ckpt.scripted is not None:
+        model, architecture = ckpt.scripted, model_name or DEFAULT_MODEL_NAME
+        with torch.device("meta"):  # only its data config is needed: no memory, no weights
+            reference = timm.create_model(architecture, pretrained=False)
+        transform, data_config = build_transform(reference, image_size=image_size)
+        outputs = _scripted_outputs(model, data_config)
+        classes = _reconcile_num_classes(ckpt, num_classes, outputs, what="TorchScript model output")
+    else:
+        architecture = _reconcile_architecture(ckpt, model_name)
+        classes, model = _build_timm_model(ckpt, architecture, num_classes)
+        transform, data_config = build_transform(model, image_size=image_size)
+    names, labels_source = resolve_class_names(
+        classes,
+        from_checkpoint=ckpt.class_names,
+        labels_path=class_names_path,
+        checkpoint_path=checkpoint_path,
+    )
+    model = model.to(torch_device).eval()
+    if torch_device.type != "mps":
+        model = model.to(memory_format=torch.channels_last)
+    classifier = Classifier(
+        model=model,
+        architecture=architecture,
+        class_names=names,
+        transform=transform,
+        data_config=data_config,
+        device=torch_device,
+        device_reason=device_reason,
+        checkpoint=ckpt,
+        multi_label=multi_label,
+        threshold=threshold,
+        labels_source=labels_source,
+    )
+    ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
+    warm_up(classifier)
+    classifier.load_seconds = time.perf_counter() - started
+    return classifier
+
+
+def warm_up(classifier: Classifier) -> None:
+    """One forward pass at the serving input size, so the first request doesn't pay for it."""
+    batch = torch.zeros((1, *classifier.input_size))
+    scores = classifier.predict(batch)
+    if scores.shape[-1] != classifier.num_classes:
+        raise CheckpointMismatch(
+            f"the model answers {scores.shape[-1]} scores but {classifier.num_classes} classes are configured"
+        )
+
+
+def _reconcile_architecture(ckpt: Checkpoint, model_name: str | None) -> str:
+    if ckpt.architecture and model_name and ckpt.architecture != model_name:
+        logger.warning(
+            "API_MODEL_NAME=%s ignored: checkpoint %s says it is a %s",
+            model_name,
+            ckpt.path,
+            ckpt.architecture,
+        )
+    architecture = ckpt.architecture or model_name or DEFAULT_MODEL_NAME
+    if not timm.is_model(architecture):
+        source = "the checkpoint's metadata" if ckpt.architecture else "API_MODEL_NAME"
+        raise ConfigError(
+            f"unknown architecture {architecture!r} (from {source}); use a timm model name such as "
+            "resnet50, efficientnet_b3 or convnext_base (timm.list_models() lists them)"
+        )
+    return architecture
+
+
+def _reconcile_num_classes(ckpt: Checkpoint, setting: int | None, outputs: int | None, *, what: str) -> int:
+    """Decide the number of classes from metadata, the weights' shape and the setting."""
+    declared = ckpt.num_classes or (len(ckpt.class_names) if ckpt.class_names else None)
+    if declared and outputs and declared != outputs:
+        raise CheckpointMismatch(f"checkpoint {ckpt.path} declares {declared} classes but its {what} has {outputs}")
+    found = outputs or declared
+    if setting is not None and found is not None and setting != found:
+        raise CheckpointMismatch(
+            f"API_NUM_CLASSES={setting} but checkpoint {ckpt.path} has {found} classes ({what}); "
+            f"set API_NUM_CLASSES={found} or unset it, or point API_CHECKPOINT_PATH at the right checkpoint"
+        )
+    return found or setting or DEFAULT_NUM_CLASSES
+
+
+def _classifier_outputs(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[str, int | None]:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    name = next((n for n, module in model.named_modules() if module is head), "") if head is not None else ""
+    weight = state_dict.get(f"{name}.weight") if name else None
+    return name, int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
+
+
+def _build_timm_model(ckpt: Checkpoint, architecture: str, setting: int | None) -> tuple[int, torch.nn.Module]:
+    overlay = ckpt.pretrained_cfg or None
+    model_args = {k: v for k, v in ckpt.model_args.items() if k != "num_classes"}
+
+    def create(classes: int) -> torch.nn.Module:
+        return timm.create_model(
+            architecture, pretrained=False, num_classes=classes, pretrained_cfg_overlay=overlay, **model_args
+        )
+
+    guess = ckpt.num_classes or setting or DEFAULT_NUM_CLASSES
+    model = create(guess)
+    head, outputs = _classifier_outputs(model, ckpt.state_dict)
+    classes = _reconcile_num_classes(ckpt, setting, outputs, what=f"classifier '{head or '?'}'")
+    if classes != guess:
+        logger.info("API_NUM_CLASSES not set: using the checkpoint's %d classes", classes)
+        model = create(classes)
+    _load_weights(model, ckpt, architecture)
+    return classes, model
+
+
+def _load_weights(model: torch.nn.Module, ckpt: Checkpoint, architecture: str) -> None:
+    expected = model.state_dict()
+    given = ckpt.state_dict
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    reshaped = [k for k in expected if k in given and given[k].shape != expected[k].shape]
+    if missing or unexpected or reshaped:
+        details = []
+        if missing:
+            details.append(f"{len(missing)} missing (e.g. {missing[0]})")
+        if unexpected:
+            details.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+        if reshaped:
+            key = reshaped[0]
+            details.append(
+                f"{len(reshaped)} with other shapes (e.g. {key}: {tuple(given[key].shape)} vs "
+                f"{tuple(expected[key].shape)})"
+            )
+        raise CheckpointMismatch(
+            f"checkpoint {ckpt.path} does not fit architecture {architecture}: {len(given)} tensors, "
+            f"{'; '.join(details)}; set API_MODEL_NAME to the architecture it was trained with"
+        )
+    model.load_state_dict(given, strict=True)
+
+
+def _scripted_outputs(model: torch.nn.Module, data_config: dict[str, Any]) -> int | None:
+    with torch.inference_mode():
+        try:
+            out = model.eval()(torch.zeros((1, *data_config["input_size"])))
+        except Exception as error:  # a scripted graph fails with RuntimeErrors carrying C++ traces
+            reason = str(error).strip().splitlines()[0]
+            raise CheckpointMismatch(f"TorchScript model failed a test forward pass: {reason}") from None
+    if isinstance(out, tuple | list):
+        out = out[0]
+    return int(out.shape[-1])

@@ -1,0 +1,53 @@
+"""Liveness, readiness and Prometheus metrics: open to orchestrators, never touching the model."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from api.deps import MetricsDep, StateDep
+from api.schemas import Health, Liveness
+
+router = APIRouter(tags=["health"])
+
+_NOT_READY = {503: {"model": Health, "description": "Loading, failed to load, or shutting down."}}
+
+
+def _health(state: StateDep, response: Response) -> Health:
+    classifier = state.classifier
+    if not state.ready:
+        response.status_code = 503
+        response.headers["Retry-After"] = "5"
+    return Health(
+        status=state.status,
+        ready=state.ready,
+        reason=state.reason,
+        architecture=classifier.architecture if classifier else None,
+        device=str(classifier.device) if classifier else None,
+        uptime_s=round(state.uptime_s, 3),
+    )
+
+
+@router.get("/health", response_model=Health, responses=_NOT_READY, summary="Ready to predict?")
+def health(state: StateDep, response: Response) -> Health:
+    """200 once the model is loaded and warmed up; 503 with the reason while loading or after a failure."""
+    return _health(state, response)
+
+
+@router.get("/health/ready", response_model=Health, responses=_NOT_READY, summary="Readiness probe")
+def ready(state: StateDep, response: Response) -> Health:
+    """Same answer as /health, for orchestrators' readiness/startup probes."""
+    return _health(state, response)
+
+
+@router.get("/health/live", response_model=Liveness, summary="Liveness probe")
+def live() -> Liveness:
+    """200 whenever the process answers HTTP, even while the model is still loading."""
+    return Liveness()
+
+
+@router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+def metrics(metrics: MetricsDep, state: StateDep) -> Response:
+    """Prometheus text format: requests, latency, in-flight, inference time, batch size, readiness."""
+    metrics.ready.set(1 if state.ready else 0)
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

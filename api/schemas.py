@@ -1,0 +1,102 @@
+"""The HTTP surface's types: every route answers one of these, so /docs is the reference."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="Stable machine-readable code, e.g. invalid_image, payload_too_large.")
+    message: str = Field(description="What went wrong and how to fix it, for people.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Label(BaseModel):
+    index: int = Field(description="Output index of the classifier.")
+    label: str = Field(description="Class name.")
+    score: float = Field(ge=0.0, le=1.0, description="Softmax probability (sigmoid for multi-label).")
+
+
+class ModelIdentity(BaseModel):
+    architecture: str
+    num_classes: int
+    checkpoint_sha256: str = Field(description="SHA-256 of the weights file that answered.")
+    multi_label: bool
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    format: str = Field(description="Format detected from the bytes (JPEG, PNG, ...).")
+
+
+class Timing(BaseModel):
+    decode_ms: float = Field(description="Decode + preprocess, off the event loop.")
+    inference_ms: float = Field(description="Forward pass (the whole batch it ran in).")
+    total_ms: float = Field(description="From the request body read to the answer.")
+
+
+class Prediction(BaseModel):
+    predictions: list[Label] = Field(description="Best first: the top-k, or every label above the threshold.")
+    image: ImageInfo
+
+
+class PredictResponse(Prediction):
+    model: ModelIdentity
+    timing: Timing
+
+
+class Base64Image(BaseModel):
+    """JSON form of an upload for clients that cannot send multipart."""
+
+    image: str = Field(description="Base64 image bytes; a data: URL prefix is accepted.")
+    filename: str | None = None
+
+
+class BatchItem(BaseModel):
+    filename: str | None
+    ok: bool
+    result: Prediction | None = None
+    error: ErrorBody | None = None
+
+
+class BatchResponse(BaseModel):
+    results: list[BatchItem] = Field(description="One entry per uploaded file, in upload order.")
+    model: ModelIdentity
+    timing: Timing
+
+
+class ModelInfo(BaseModel):
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    labels_source: str = Field(description="checkpoint, a labels file path, cat-breeds-dataset or generated.")
+    multi_label: bool
+    threshold: float | None
+    preprocessing: dict[str, object] = Field(description="timm data config: input_size, crop_pct, mean, std...")
+    device: str
+    device_reason: str
+    dtype: str
+    checkpoint_path: str
+    checkpoint_format: str
+    checkpoint_sha256: str
+    weights_key: str = Field(description="Which entry of the checkpoint held the weights ('' for a raw one).")
+    load_seconds: float
+
+
+class Health(BaseModel):
+    status: Literal["loading", "ready", "failed", "stopping"]
+    ready: bool
+    reason: str | None = Field(None, description="Why the service is not ready.")
+    architecture: str | None = None
+    device: str | None = None
+    uptime_s: float
+
+
+class Liveness(BaseModel):
+    status: Literal["alive"] = "alive"

@@ -1,0 +1,58 @@
+"""Readiness: what the service can honestly say about itself at any moment.
+
+`loading` until the model is loaded and warmed up, then `ready`; `failed` (with the reason) when
+the load failed; `stopping` once shutdown began. Liveness is separate: the process answers.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from api.engine import InferenceEngine
+from api.errors import ServiceUnavailable
+from api.model import Classifier
+
+Status = Literal["loading", "ready", "failed", "stopping"]
+
+
+@dataclass
+class ServiceState:
+    status: Status = "loading"
+    reason: str | None = "loading the model"
+    classifier: Classifier | None = None
+    engine: InferenceEngine | None = None
+    started_at: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def ready(self) -> bool:
+        return self.status == "ready"
+
+    @property
+    def uptime_s(self) -> float:
+        return time.monotonic() - self.started_at
+
+    def set_ready(self, classifier: Classifier, engine: InferenceEngine) -> None:
+        with self._lock:
+            if self.status == "loading":
+                self.classifier, self.engine = classifier, engine
+                self.status, self.reason = "ready", None
+
+    def set_failed(self, reason: str) -> None:
+        with self._lock:
+            self.status, self.reason = "failed", reason
+
+    def set_stopping(self) -> None:
+        with self._lock:
+            self.status, self.reason = "stopping", "the service is shutting down"
+
+    def require_ready(self) -> tuple[Classifier, InferenceEngine]:
+        """The classifier and engine, or a 503 that says why there are none."""
+        classifier, engine = self.classifier, self.engine
+        if self.status != "ready" or classifier is None or engine is None:
+            retry = 5 if self.status == "loading" else 30
+            raise ServiceUnavailable(f"model not ready: {self.reason}", retry_after_s=retry)
+        return classifier, engine

@@ -1,0 +1,102 @@
+"""Read the image(s) out of a request: multipart `file`, a raw image body, or JSON with base64.
+
+The declared Content-Type only selects how to *unwrap* the body; whether the bytes are an image is
+decided later, from the bytes themselves (`api.preprocess.decode_image`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+from api.errors import InvalidImage, MissingFile, PayloadTooLarge
+
+FIELD = "file"
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str | None
+    data: bytes
+
+
+async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> list[Upload]:
+    """Every upload in the request, each at most `max_bytes`; at most `max_files` of them."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        uploads = await _read_multipart(request, max_bytes=max_bytes, max_files=max_files)
+    elif content_type == "application/json":
+        uploads = [_read_base64(await request.body(), max_bytes=max_bytes)]
+    elif content_type == "application/x-www-form-urlencoded":
+        raise MissingFile(
+            f"send the image as multipart/form-data with a file field named {FIELD!r} "
+            f'(curl -F "{FIELD}=@cat.jpg"), as a raw image body, or as JSON with base64'
+        )
+    else:
+        body = await request.body()
+        if not body:
+            raise MissingFile(
+                f"no image in the request: send multipart/form-data with a file field named {FIELD!r} "
+                f'(curl -F "{FIELD}=@cat.jpg"), a raw image body, or JSON {{"image": "<base64>"}}'
+            )
+        uploads = [Upload(filename=None, data=body)]
+    for upload in uploads:
+        if len(upload.data) > max_bytes:
+            raise PayloadTooLarge(
+                f"{_name(upload)} is {len(upload.data)} bytes; the limit is {max_bytes} (API_MAX_UPLOAD_MB)"
+            )
+    return uploads
+
+
+def _name(upload: Upload) -> str:
+    return repr(upload.filename[:100]) if upload.filename else "the image"
+
+
+async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -> list[Upload]:
+    try:
+        form = await request.form(max_files=max_files, max_fields=64)
+    except PayloadTooLarge:
+        raise
+    except Exception as error:  # python-multipart / starlette raise several types for broken bodies
+        raise InvalidImage(f"malformed multipart body: {error}", code="invalid_multipart") from None
+    try:
+        values = form.getlist(FIELD)
+        files = [value for value in values if isinstance(value, UploadFile)]
+        if not files:
+            others = sorted({key for key in form if key != FIELD})
+            if values:
+                raise MissingFile(f'field {FIELD!r} must be a file upload (curl -F "{FIELD}=@cat.jpg")')
+            hint = f"; got fields {others[:10]}" if others else ""
+            raise MissingFile(f'no multipart file field named {FIELD!r}{hint} (curl -F "{FIELD}=@cat.jpg")')
+        uploads = []
+        for item in files:
+            data = await item.read(max_bytes + 1)
+            uploads.append(Upload(filename=item.filename, data=data))
+        return uploads
+    finally:
+        await form.close()
+
+
+def _read_base64(body: bytes, *, max_bytes: int) -> Upload:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidImage("request body is not valid JSON", code="invalid_json") from None
+    text = payload.get("image") if isinstance(payload, dict) else None
+    if not isinstance(text, str) or not text:
+        raise MissingFile('JSON body needs {"image": "<base64 image bytes>"}')
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if len(text) > (max_bytes * 4) // 3 + 8:
+        raise PayloadTooLarge(f"the image is larger than the limit of {max_bytes} bytes (API_MAX_UPLOAD_MB)")
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise InvalidImage("the 'image' field is not valid base64", code="invalid_base64") from None
+    filename = payload.get("filename")
+    return Upload(filename=filename if isinstance(filename, str) else None, data=data)

@@ -1,0 +1,70 @@
+"""Shared fixtures: real tiny timm models, real photos, real servers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import skimage.data
+import torch
+from PIL import Image
+
+from api.demo import write_demo_model
+from tests.helpers import jpeg_bytes, make_settings, running_server, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No API_* or LOG_LEVEL from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("API_") or name == "LOG_LEVEL":
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture(scope="session")
+def chelsea() -> Image.Image:
+    """skimage's photo of Chelsea the cat, 451x300."""
+    return Image.fromarray(skimage.data.chelsea())
+
+
+@pytest.fixture(scope="session")
+def chelsea_jpeg(chelsea: Image.Image) -> bytes:
+    return jpeg_bytes(chelsea)
+
+
+@pytest.fixture(scope="session")
+def coffee_jpeg() -> bytes:
+    """A second real photo (a cup of coffee), 600x400."""
+    return jpeg_bytes(Image.fromarray(skimage.data.coffee()))
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The embedded demo model (real ImageNet weights), written as users' `make run` writes it."""
+    return write_demo_model(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 5-class test_resnet checkpoint in the common training-loop format, with a labels file."""
+    folder = tmp_path_factory.mktemp("tiny")
+    model = tiny_model()
+    torch.save({"epoch": 3, "model_state_dict": model.state_dict()}, folder / "best_model.pt")
+    (folder / "classes.txt").write_text("abyssinian\nbengal\nbirman\nbombay\npersian\n")
+    return folder / "best_model.pt"
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_checkpoint: Path) -> Iterator[str]:
+    """A real server for a tiny 5-class model, shared by a test module."""
+    with running_server(make_settings(checkpoint_path=tiny_checkpoint, max_upload_mb=1, max_batch_files=4)) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def demo_server(demo_dir: Path) -> Iterator[str]:
+    """A real server for the demo model (real ImageNet weights)."""
+    with running_server(make_settings(checkpoint_path=demo_dir)) as url:
+        yield url

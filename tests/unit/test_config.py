@@ -1,0 +1,86 @@
+"""Settings: precedence is tested, not assumed; bad values stop start-up with one clear line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from api.config import Settings, load_settings
+from api.errors import ConfigError
+
+
+def test_defaults_outside_containers() -> None:
+    settings = Settings(_env_file=None)  # type: ignore[call-arg]
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8000
+    assert settings.device == "auto"
+    assert settings.cors_origins == []
+    # Unset model settings defer to the checkpoint (then resnet50 / 67 classes / the architecture's size).
+    assert settings.checkpoint_path is None
+    assert settings.model_name is None and settings.num_classes is None and settings.image_size is None
+
+
+def test_precedence_arguments_then_environment_then_dotenv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("API_PORT=9001\nAPI_NUM_CLASSES=10\nAPI_MODEL_NAME=convnext_base\nLOG_LEVEL=debug\n")
+    from_file = Settings(_env_file=dotenv)  # type: ignore[call-arg]
+    assert (from_file.port, from_file.num_classes, from_file.model_name) == (9001, 10, "convnext_base")
+    assert from_file.log_level == "DEBUG"
+
+    monkeypatch.setenv("API_PORT", "9002")
+    monkeypatch.setenv("LOG_LEVEL", "warning")
+    from_env = Settings(_env_file=dotenv)  # type: ignore[call-arg]
+    assert from_env.port == 9002  # environment beats .env
+    assert from_env.num_classes == 10  # .env still fills what the environment leaves unset
+    assert from_env.log_level == "WARNING"
+
+    explicit = Settings(_env_file=dotenv, port=9003)  # type: ignore[call-arg]
+    assert explicit.port == 9003  # arguments beat both
+
+
+def test_dotenv_in_working_directory_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / ".env").write_text("API_TOP_K=3\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().top_k == 3
+
+
+def test_cors_origins_are_comma_separated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_CORS_ORIGINS", "http://localhost:3000, http://localhost:8080,")
+    assert load_settings().cors_origins == ["http://localhost:3000", "http://localhost:8080"]
+
+
+def test_blank_checkpoint_path_means_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_CHECKPOINT_PATH", "")
+    assert load_settings().checkpoint_path is None
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "accepted"),
+    [
+        ("API_DEVICE", "gpu", "auto, cpu, cuda, cuda:N, mps"),
+        ("API_PORT", "70000", "less than or equal to 65535"),
+        ("API_PORT", "eighty", "valid integer"),
+        ("API_NUM_CLASSES", "0", "greater than or equal to 1"),
+        ("API_THRESHOLD", "1.5", "less than 1"),
+        ("API_MULTI_LABEL", "maybe", "valid boolean"),
+        ("LOG_LEVEL", "LOUD", "'CRITICAL', 'ERROR', 'WARNING', 'INFO' or 'DEBUG'"),
+        ("API_MAX_UPLOAD_MB", "-1", "greater than 0"),
+    ],
+)
+def test_bad_values_give_one_line_naming_variable_value_and_accepted(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, accepted: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message
+    assert message.startswith(f"{variable}={value!r} is invalid")
+    assert accepted in message
+
+
+def test_device_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
+    for value, expected in [("CUDA:1", "cuda:1"), (" cpu ", "cpu"), ("mps", "mps")]:
+        monkeypatch.setenv("API_DEVICE", value)
+        assert load_settings().device == expected

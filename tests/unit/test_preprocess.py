@@ -1,0 +1,132 @@
+"""Preprocessing follows the architecture's data config; decoding is decided from the bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from api.preprocess import build_transform, decode_image, to_rgb
+from tests.helpers import jpeg_bytes, tiny_model
+
+LIMIT = 50_000_000
+
+
+def test_transform_follows_test_resnet_data_config() -> None:
+    transform, config = build_transform(tiny_model("test_resnet"), image_size=None)
+    assert tuple(config["input_size"]) == (3, 160, 160)
+    assert config["crop_pct"] == pytest.approx(0.95)
+    assert tuple(config["mean"]) == (0.5, 0.5, 0.5) and tuple(config["std"]) == (0.5, 0.5, 0.5)
+    white = Image.new("RGB", (300, 200), (255, 255, 255))
+    tensor = transform(white)
+    assert tensor.shape == (3, 160, 160)
+    torch.testing.assert_close(tensor, torch.ones_like(tensor))  # (1 - 0.5) / 0.5
+
+
+def test_image_size_setting_overrides_only_the_size() -> None:
+    transform, config = build_transform(tiny_model("test_resnet"), image_size=224)
+    assert tuple(config["input_size"]) == (3, 224, 224)
+    assert config["crop_pct"] == pytest.approx(0.95)
+    assert transform(Image.new("RGB", (500, 400))).shape == (3, 224, 224)
+
+
+def test_real_architecture_config_resnet50() -> None:
+    import timm
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet50", pretrained=False, num_classes=67)
+    _, config = build_transform(model, image_size=None)
+    assert tuple(config["input_size"]) == (3, 224, 224)
+    assert config["interpolation"] == "bicubic"
+    assert tuple(config["mean"]) == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_exif_orientation_is_applied(chelsea: Image.Image) -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": stored landscape, shown portrait
+    decoded = decode_image(jpeg_bytes(chelsea, exif=exif.tobytes()), max_pixels=LIMIT)
+    assert decoded.image.size == (300, 451)
+
+
+@pytest.mark.parametrize("mode", ["L", "1", "P", "CMYK", "LA", "RGBA", "I;16", "I", "F", "YCbCr"])
+def test_every_mode_becomes_8bit_rgb(mode: str) -> None:
+    gradient = np.tile(np.linspace(0, 1, 64), (32, 1))
+    if mode in ("I;16", "I"):
+        image = Image.fromarray((gradient * 65535).astype(np.uint16 if mode == "I;16" else np.int32))
+        if mode == "I":
+            image = image.convert("I")
+    elif mode == "F":
+        image = Image.fromarray(gradient.astype(np.float32), mode="F")
+    else:
+        image = Image.fromarray((gradient * 255).astype(np.uint8)).convert(mode)
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (64, 32)
+    row = np.asarray(rgb)[0, :, 0].astype(int)
+    if mode != "1":  # a 1-bit image is only black and white
+        assert row[0] < 20 and row[-1] > 235, f"{mode}: range squashed to {row[0]}..{row[-1]}"
+
+
+def test_transparency_is_composited_on_white() -> None:
+    clear = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
+    assert to_rgb(clear).getpixel((0, 0)) == (255, 255, 255)
+
+
+@pytest.mark.parametrize(
+    ("payload", "error"),
+    [
+        (b"", InvalidImage),
+        (b"hello, this is text", UnsupportedMediaType),
+        (b"<svg xmlns='http://www.w3.org/2000/svg'><rect width='10' height='10'/></svg>", UnsupportedMediaType),
+        (b"%PDF-1.7\n%\xe2\xe3\xcf\xd3\n1 0 obj\n<<>>\nendobj\n", UnsupportedMediaType),
+        (b"PK\x03\x04" + b"\x00" * 40, UnsupportedMediaType),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 20, InvalidImage),  # JPEG magic, corrupt header
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, InvalidImage),
+    ],
+)
+def test_non_images_and_corrupt_headers(payload: bytes, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        decode_image(payload, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
+def test_truncated_jpeg_is_invalid(chelsea_jpeg: bytes, fraction: float) -> None:
+    with pytest.raises(InvalidImage):
+        decode_image(chelsea_jpeg[: int(len(chelsea_jpeg) * fraction)], max_pixels=LIMIT)
+
+
+def _png_header_only(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    # One tiny compressed row: a decoder that trusted the header would allocate width*height*3 bytes.
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+    )
+
+
+def test_gigantic_canvas_is_refused_from_the_header() -> None:
+    bomb = _png_header_only(100_000, 100_000)
+    assert len(bomb) < 200
+    with pytest.raises(ImageTooLarge, match=r"10000000000 pixels.*API_MAX_IMAGE_PIXELS"):
+        decode_image(bomb, max_pixels=LIMIT)
+
+
+def test_pixel_limit_is_the_setting(chelsea_jpeg: bytes) -> None:
+    with pytest.raises(ImageTooLarge, match="API_MAX_IMAGE_PIXELS"):
+        decode_image(chelsea_jpeg, max_pixels=451 * 300 - 1)
+    assert decode_image(chelsea_jpeg, max_pixels=451 * 300).width == 451
+
+
+def test_formats_from_bytes_not_names(chelsea: Image.Image) -> None:
+    for fmt in ("PNG", "WEBP", "BMP", "TIFF", "GIF"):
+        buffer = io.BytesIO()
+        chelsea.save(buffer, format=fmt)
+        decoded = decode_image(buffer.getvalue(), max_pixels=LIMIT)
+        assert decoded.format == fmt and decoded.image.mode == "RGB"
