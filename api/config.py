@@ -97,10 +97,11 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("model_name", "checkpoint_path", "class_names_path", mode="before")
+    @field_validator("model_name", "checkpoint_path", "class_names_path", "num_classes", "image_size", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
-        # `API_CHECKPOINT_PATH=` in a .env file means "not set", not "the current directory".
+        # `API_CHECKPOINT_PATH=` means "not set" (not "the current directory"), and lets the
+        # environment unset what a .env file sets.
         return None if isinstance(value, str) and not value.strip() else value
 
     @property

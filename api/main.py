@@ -24,6 +24,7 @@ from api import __version__
 from api.config import ConfigError, Settings, get_settings
 from api.engine import InferenceEngine
 from api.errors import RequestError, StartupError
+from api.limits import BodyLimitMiddleware
 from api.logs import configure_logging
 from api.metrics import Metrics
 from api.model import Classifier, load_classifier
@@ -125,6 +126,10 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
     app.state.metrics = metrics = Metrics()
     app.state.service = ServiceState()
 
+    # Bodies are refused while being read once past these limits (413), never buffered whole.
+    single = settings.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
+    limits = {"/api/v1/predict": single, "/api/v1/predict/batch": single * settings.max_batch_files}
+    app.add_middleware(BodyLimitMiddleware, limit_for_path=limits.get)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -135,10 +140,7 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
     app.middleware("http")(metrics.middleware)
     _add_error_handlers(app)
     app.include_router(health.router)
-    # Bodies are refused while being read once past these limits (413), never buffered whole.
-    single = settings.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
-    app.include_router(predict.router, max_body_size=single)
-    app.include_router(predict.batch_router, max_body_size=single * settings.max_batch_files)
+    app.include_router(predict.router)
     app.include_router(model.router)
     return app
 

@@ -59,7 +59,9 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint: Path) -> Iterator[str]:
     """A real server for a tiny 5-class model, shared by a test module."""
-    with running_server(make_settings(checkpoint_path=tiny_checkpoint, max_upload_mb=1, max_batch_files=4)) as url:
+    with running_server(
+        make_settings(checkpoint_path=tiny_checkpoint, model_name="test_resnet", max_upload_mb=1, max_batch_files=4)
+    ) as url:
         yield url
 
 

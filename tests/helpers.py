@@ -84,7 +84,7 @@ def wait_for(
         except httpx.TransportError as error:
             last = repr(error)
         time.sleep(0.05)
-    raise TimeoutError(f"{url}{path} not ready after {timeout_s}s: {last}")
+    raise TimeoutError(f"{url}{path} not ready: {last}")
 
 
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
@@ -92,3 +92,14 @@ def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Im
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     pixels = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
     return Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels, mode=mode)
+
+
+def settled_health(url: str, *, timeout_s: float = 60.0) -> httpx.Response:
+    """Poll /health until the loader has given its verdict (anything but "loading")."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        response = httpx.get(url + "/health", timeout=2.0)
+        if response.json()["status"] != "loading":
+            return response
+        time.sleep(0.05)
+    raise TimeoutError(f"{url} still loading after {timeout_s}s")

@@ -30,8 +30,6 @@ from api.schemas import (
 from api.uploads import Upload, read_uploads
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
-# A router of its own so the app can give it a larger request-body limit than single predictions.
-batch_router = APIRouter(prefix="/api/v1", tags=["predict"])
 
 TopK = Annotated[
     int | None, Query(ge=1, le=1000, description="Labels to return (default API_TOP_K; ignored for multi-label).")
@@ -130,7 +128,7 @@ async def predict(
     )
 
 
-@batch_router.post(
+@router.post(
     "/predict/batch",
     response_model=BatchResponse,
     responses=_ERRORS,

@@ -1,0 +1,47 @@
+# Everything a fresh machine needs is done by these targets: `make run` and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR := models/demo
+
+.PHONY: install run test lint format demo-model clean
+
+install: $(STAMP)
+
+# Re-install only when the dependency list changes.
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo-model: $(STAMP)
+	$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR)
+
+# Serve API_CHECKPOINT_PATH (environment or .env); with none configured, the embedded demo model.
+# The demo folder carries its own architecture, classes and labels, so model settings are unset for it.
+run: $(STAMP)
+	@if [ -z "$${API_CHECKPOINT_PATH:-}" ] && ! grep -Eqs '^[[:space:]]*API_CHECKPOINT_PATH=[^[:space:]]' .env; then \
+		echo "no API_CHECKPOINT_PATH configured: serving the embedded demo model ($(DEMO_DIR))"; \
+		$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR) >/dev/null || exit 1; \
+		export API_CHECKPOINT_PATH=$(DEMO_DIR) API_MODEL_NAME= API_NUM_CLASSES= API_IMAGE_SIZE= API_CLASS_NAMES_PATH=; \
+		exec $(BIN)/cat-breeds-api serve; \
+	else \
+		exec $(BIN)/cat-breeds-api serve; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check api tests
+	$(BIN)/ruff format --check api tests
+
+format: $(STAMP)
+	$(BIN)/ruff format api tests
+	$(BIN)/ruff check --fix api tests
+
+test: lint
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
