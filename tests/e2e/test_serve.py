@@ -82,10 +82,10 @@ def test_cli_predict_remote_and_local_agree(
     (folder / "nested" / "coffee.jpg").write_bytes(coffee_jpeg)
     (folder / "readme.md").write_text("not an image, skipped by extension")
     remote = subprocess.run([CLI, "predict", str(folder), "--url", url, "--format", "json", "--top-k", "3"],
-                            capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+                            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)  # fmt: skip
     assert remote.returncode == 0, remote.stderr
     local = subprocess.run([CLI, "predict", str(folder), "--checkpoint", str(demo_dir), "--format", "json", "--top-k", "3"],
-                           capture_output=True, text=True, env=_env(), timeout=120)  # fmt: skip
+                           capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)  # fmt: skip
     assert local.returncode == 0, local.stderr
     remote_results, local_results = json.loads(remote.stdout), json.loads(local.stdout)
     assert [Path(r["path"]).name for r in remote_results] == ["chelsea.jpg", "coffee.jpg"]
@@ -101,7 +101,7 @@ def test_cli_predict_csv_and_failures(demo_dir: Path, tmp_path: Path, chelsea_jp
     result = subprocess.run(
         [CLI, "predict", str(tmp_path / "cat.jpg"), str(tmp_path / "broken.jpg"), "--checkpoint", str(demo_dir),
          "--format", "csv", "--top-k", "2", "-o", str(out)],
-        capture_output=True, text=True, env=_env(), timeout=120,
+        capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120,
     )  # fmt: skip
     assert result.returncode == 1  # one file failed: say so in the exit status
     rows = list(csv.DictReader(io.StringIO(out.read_text())))
