@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated, Any
 
@@ -84,11 +85,22 @@ def _prediction(classifier: Classifier, decoded: DecodedImage, scores: torch.Ten
     )
 
 
-def _count(metrics: Metrics, outcome: str, batch: int = 0, seconds: float = 0.0) -> None:
-    metrics.images.labels(outcome).inc()
-    if batch:
-        metrics.batch_size.observe(batch)
-        metrics.inference.observe(seconds)
+def _record(metrics: Metrics, outcome: str, count: int = 1) -> None:
+    metrics.images.labels(outcome).inc(count)
+
+
+def _record_batch(metrics: Metrics, size: int, seconds: float) -> None:
+    _record(metrics, "ok", size)
+    metrics.batch_size.observe(size)
+    metrics.inference.observe(seconds)
+
+
+def _timing(started: float, prepared: float, inference_s: float) -> Timing:
+    return Timing(
+        decode_ms=round((prepared - started) * 1000, 3),
+        inference_ms=round(inference_s * 1000, 3),
+        total_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
 
 
 @router.post(
@@ -110,21 +122,17 @@ async def predict(
     try:
         decoded, tensor = await run_in_threadpool(_prepare, uploads[0], classifier, settings.max_image_pixels)
     except RequestError as error:
-        _count(metrics, error.code)
+        _record(metrics, error.code)
         raise
     prepared = time.perf_counter()
     scores, seconds = await engine.predict([tensor])
-    _count(metrics, "ok", 1, seconds)
+    _record_batch(metrics, 1, seconds)
     result = _prediction(classifier, decoded, scores[0], top_k or settings.top_k)
     return PredictResponse(
         predictions=result.predictions,
         image=result.image,
         model=_identity(classifier),
-        timing=Timing(
-            decode_ms=round((prepared - started) * 1000, 3),
-            inference_ms=round(seconds * 1000, 3),
-            total_ms=round((time.perf_counter() - started) * 1000, 3),
-        ),
+        timing=_timing(started, prepared, seconds),
     )
 
 
@@ -143,32 +151,29 @@ async def predict_batch(
     started = time.perf_counter()
     classifier, engine = state.require_ready()
     uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
-    items: list[BatchItem] = [BatchItem(filename=u.filename, ok=False) for u in uploads]
-    ready: list[tuple[int, DecodedImage, torch.Tensor]] = []
-    for position, upload in enumerate(uploads):
+    items = [BatchItem(filename=u.filename, ok=False) for u in uploads]
+
+    async def prepare(upload: Upload) -> tuple[DecodedImage, torch.Tensor] | RequestError:
         try:
-            decoded, tensor = await run_in_threadpool(_prepare, upload, classifier, settings.max_image_pixels)
+            return await run_in_threadpool(_prepare, upload, classifier, settings.max_image_pixels)
         except RequestError as error:
-            _count(metrics, error.code)
-            items[position].error = ErrorBody(code=error.code, message=error.message)
-            continue
-        ready.append((position, decoded, tensor))
+            return error
+
+    # Decode the files concurrently (thread pool), then classify the good ones in one forward pass.
+    outcomes = await asyncio.gather(*(prepare(upload) for upload in uploads))
+    ready = []
+    for item, outcome in zip(items, outcomes, strict=True):
+        if isinstance(outcome, RequestError):
+            _record(metrics, outcome.code)
+            item.error = ErrorBody(code=outcome.code, message=outcome.message)
+        else:
+            ready.append((item, *outcome))
     prepared = time.perf_counter()
     seconds = 0.0
     if ready:
         scores, seconds = await engine.predict([tensor for _, _, tensor in ready])
-        for row, (position, decoded, _) in enumerate(ready):
-            _count(metrics, "ok")
-            items[position].ok = True
-            items[position].result = _prediction(classifier, decoded, scores[row], top_k or settings.top_k)
-        metrics.batch_size.observe(len(ready))
-        metrics.inference.observe(seconds)
-    return BatchResponse(
-        results=items,
-        model=_identity(classifier),
-        timing=Timing(
-            decode_ms=round((prepared - started) * 1000, 3),
-            inference_ms=round(seconds * 1000, 3),
-            total_ms=round((time.perf_counter() - started) * 1000, 3),
-        ),
-    )
+        _record_batch(metrics, len(ready), seconds)
+        for row, (item, decoded, _) in enumerate(ready):
+            item.ok = True
+            item.result = _prediction(classifier, decoded, scores[row], top_k or settings.top_k)
+    return BatchResponse(results=items, model=_identity(classifier), timing=_timing(started, prepared, seconds))
