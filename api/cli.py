@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     from api.main import create_app
 
     settings = _settings(host=args.host, port=args.port)
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_dir)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,

@@ -73,6 +73,9 @@ class Settings(BaseSettings):
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
     graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
+    log_dir: Path | None = Field(
+        None, description="Also write the service log to <dir>/api.log (rotated); containers use /app/logs."
+    )
     log_level: LogLevel = Field(
         "INFO", validation_alias=AliasChoices("LOG_LEVEL", "API_LOG_LEVEL"), description="LOG_LEVEL."
     )
@@ -97,7 +100,9 @@ class Settings(BaseSettings):
     def _upper_level(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
-    @field_validator("model_name", "checkpoint_path", "class_names_path", "num_classes", "image_size", mode="before")
+    @field_validator(
+        "model_name", "checkpoint_path", "class_names_path", "num_classes", "image_size", "log_dir", mode="before"
+    )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         # `API_CHECKPOINT_PATH=` means "not set" (not "the current directory"), and lets the

@@ -182,7 +182,7 @@ def app_from_environment() -> FastAPI:
     except ConfigError as error:
         sys.stderr.write(f"configuration error: {error}\n")
         raise SystemExit(EXIT_BAD_CONFIG) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_dir)
     return create_app(settings)
 
 
