@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := models/demo
 
-.PHONY: install run test lint format demo-model clean
+.PHONY: install run test lint format demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -31,6 +31,25 @@ run: $(STAMP)
 	else \
 		exec $(BIN)/cat-breeds-api serve; \
 	fi
+
+# Preflight for the Docker Compose deployment (Docker, NVIDIA runtime and driver, models folder, port).
+doctor: $(STAMP)
+	$(BIN)/cat-breeds-api doctor
+
+# Wheels for an offline image build (docker/wheelhouse); the Dockerfile uses them when present.
+wheelhouse: $(STAMP)
+	scripts/wheelhouse.sh
+
+# GPU host: the base file; on a host without an NVIDIA GPU add COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml".
+COMPOSE_FILES ?= -f docker-compose.yml
+docker-build:
+	docker compose $(COMPOSE_FILES) build
+
+docker-up:
+	docker compose $(COMPOSE_FILES) up -d --wait
+
+docker-down:
+	docker compose $(COMPOSE_FILES) down
 
 lint: $(STAMP)
 	$(BIN)/ruff check api tests

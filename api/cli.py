@@ -185,6 +185,21 @@ def cmd_demo_model(args: argparse.Namespace) -> None:
     sys.stdout.write(f"{path}\n")
 
 
+# --- doctor ----------------------------------------------------------------------------------------
+
+
+def cmd_doctor(args: argparse.Namespace) -> None:
+    from api.doctor import run_checks
+
+    checks = run_checks(args.project, args.env_file)
+    for check in checks:
+        sys.stdout.write(check.line() + "\n")
+    failed = [c for c in checks if c.level == "fail"]
+    sys.stdout.write(f"{len(failed)} problem(s) found\n" if failed else "ready for docker compose up\n")
+    if failed:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cat-breeds-api", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -204,6 +219,11 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--output", "-o", type=Path, help="write results here instead of stdout")
     predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     predict.set_defaults(func=cmd_predict)
+
+    doctor = commands.add_parser("doctor", help="preflight for the Docker Compose deployment (reads .env)")
+    doctor.add_argument("--project", type=Path, default=Path.cwd(), help="folder with the compose files and .env")
+    doctor.add_argument("--env-file", type=Path, help="settings file (default <project>/.env)")
+    doctor.set_defaults(func=cmd_doctor)
 
     demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")
     demo.add_argument("--output", type=Path, default=Path("models/demo"), help="folder to write (models/demo)")
