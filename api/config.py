@@ -59,6 +59,30 @@ class Settings(BaseSettings):
     multi_label: bool = Field(False, description="Sigmoid head: answer every label above the threshold.")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score threshold for multi-label models.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(
+        "fp32", description="Autocast dtype for the forward pass (fp16/bf16 pay off on GPUs)."
+    )
+    compile: bool = Field(False, description="torch.compile the model, warmed up for every batch size before ready.")
+
+    # --- throughput ------------------------------------------------------------------------------
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images in one forward pass.")
+    max_batch_wait_ms: float = Field(
+        5.0, ge=0, le=1000, description="How long a batch may wait for more images after its first one."
+    )
+    max_queue: int = Field(64, ge=1, description="Images admitted at once (decoding or queued); beyond: 503.")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline for an accepted request; beyond: 504.")
+    num_threads: int | None = Field(
+        None, ge=1, le=1024, description="Torch intra-op threads and decode pool size; unset: from the CPU quota."
+    )
+    workers: int = Field(
+        1,
+        ge=1,
+        validation_alias=AliasChoices("WEB_CONCURRENCY", "API_WORKERS"),
+        description="Worker processes sharing the CPU quota (Gunicorn's WEB_CONCURRENCY).",
+    )
+    reduced_decode: bool = Field(
+        True, description="Decode large JPEGs at a reduced scale, never below the model's resize target."
+    )
 
     # --- the HTTP service ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 inside containers).")
@@ -101,7 +125,14 @@ class Settings(BaseSettings):
         return value.strip().upper() if isinstance(value, str) else value
 
     @field_validator(
-        "model_name", "checkpoint_path", "class_names_path", "num_classes", "image_size", "log_dir", mode="before"
+        "model_name",
+        "checkpoint_path",
+        "class_names_path",
+        "num_classes",
+        "image_size",
+        "log_dir",
+        "num_threads",
+        mode="before",
     )
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
@@ -116,7 +147,7 @@ class Settings(BaseSettings):
 
 def _env_name(loc: tuple[int | str, ...]) -> str:
     field = str(loc[0]).upper() if loc else "?"
-    if field in ("LOG_LEVEL", "API_LOG_LEVEL"):  # reported under the alias it was read from
+    if field in ("LOG_LEVEL", "API_LOG_LEVEL", "WEB_CONCURRENCY", "API_WORKERS"):  # reported as read
         return field
     return f"{ENV_PREFIX}{field}"
 

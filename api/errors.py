@@ -14,7 +14,9 @@
         ├── ImageTooLarge            413 image_too_large (pixel limit, checked before decoding)
         ├── UnsupportedMediaType     415 unsupported_media_type
         ├── MissingFile              422 missing_file
-        └── ServiceUnavailable       503 not_ready (with Retry-After)
+        ├── ServiceUnavailable       503 not_ready (with Retry-After)
+        │   └── Overloaded           503 overloaded: the queue is full (with Retry-After)
+        └── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
 
 Startup errors carry one line that names the setting or file, the bad value and the fix.
 Request errors carry a stable `code` for programs and a `message` for people.
@@ -100,3 +102,12 @@ class ServiceUnavailable(RequestError):
 
     def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+
+
+class Overloaded(ServiceUnavailable):
+    code = "overloaded"
+
+
+class GatewayTimeout(RequestError):
+    status = 504
+    code = "timeout"

@@ -11,9 +11,11 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from typing import Any
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
@@ -21,15 +23,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
+from api.batching import Batcher
 from api.config import ConfigError, Settings, get_settings
-from api.engine import InferenceEngine
 from api.errors import RequestError, StartupError
 from api.limits import BodyLimitMiddleware
 from api.logs import configure_logging
 from api.metrics import Metrics
 from api.model import Classifier, load_classifier
+from api.resources import cpu_budget
 from api.routes import health, model, predict
-from api.state import ServiceState
+from api.state import ServiceState, Serving
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +60,41 @@ def load_configured_classifier(settings: Settings) -> Classifier:
         multi_label=settings.multi_label,
         threshold=settings.threshold,
         device=settings.device,
+        precision=settings.precision,
+        compile_model=settings.compile,
+        max_batch_size=settings.max_batch_size,
     )
+
+
+def start_serving(settings: Settings, metrics: Metrics) -> Serving:
+    """Size threads from the CPU quota, load the classifier, and start its batcher and decode pool."""
+    budget = cpu_budget(settings.num_threads, workers=settings.workers)
+    torch.set_num_threads(budget.threads)
+    logger.info("cpu: %s; torch intra-op threads %d, decode pool %d", budget.describe(), budget.threads, budget.threads)
+    classifier = load_configured_classifier(settings)
+
+    def observe(size: int, seconds: float) -> None:
+        metrics.batch_size.observe(size)
+        metrics.inference.observe(seconds)
+
+    batcher = Batcher(
+        classifier,
+        max_batch_size=settings.max_batch_size,
+        max_wait_s=settings.max_batch_wait_ms / 1000,
+        max_queue=settings.max_queue,
+        timeout_s=settings.request_timeout_s,
+        on_batch=observe,
+    )
+    metrics.queue_depth.set_function(lambda: batcher.depth)
+    decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
+    return Serving(classifier, batcher, decoder)
 
 
 async def _load_in_background(app: FastAPI, settings: Settings, *, exit_on_failure: bool) -> None:
     state: ServiceState = app.state.service
     metrics: Metrics = app.state.metrics
     try:
-        classifier = await asyncio.to_thread(load_configured_classifier, settings)
+        serving = await asyncio.to_thread(start_serving, settings, metrics)
     except StartupError as error:
         state.set_failed(str(error))
         logger.error("model load failed: %s", error)
@@ -72,10 +102,10 @@ async def _load_in_background(app: FastAPI, settings: Settings, *, exit_on_failu
         state.set_failed(f"unexpected {type(error).__name__} while loading the model: {error}")
         logger.exception("model load failed unexpectedly")
     else:
-        state.set_ready(classifier, InferenceEngine(classifier))
+        state.set_ready(serving)
         metrics.ready.set(1)
-        metrics.load_seconds.set(classifier.load_seconds)
-        _log_ready(classifier)
+        metrics.load_seconds.set(serving.classifier.load_seconds)
+        _log_ready(serving.classifier, settings)
         return
     if exit_on_failure:
         # Fail fast: never linger half-started. Nothing was accepted (predict answered 503).
@@ -83,7 +113,7 @@ async def _load_in_background(app: FastAPI, settings: Settings, *, exit_on_failu
         os._exit(EXIT_LOAD_FAILED)
 
 
-def _log_ready(classifier: Classifier) -> None:
+def _log_ready(classifier: Classifier, settings: Settings) -> None:
     ckpt = classifier.checkpoint
     logger.info("device: %s (%s)", classifier.device, classifier.device_reason)
     logger.info(
@@ -98,6 +128,16 @@ def _log_ready(classifier: Classifier) -> None:
         classifier.load_seconds,
     )
     logger.info("preprocessing: %s", classifier.data_config)
+    logger.info(
+        "serving: precision %s%s, batches of up to %d (wait %g ms), queue %d, deadline %gs, uploads <= %g MiB",
+        settings.precision,
+        ", compiled" if settings.compile else "",
+        settings.max_batch_size,
+        settings.max_batch_wait_ms,
+        settings.max_queue,
+        settings.request_timeout_s,
+        settings.max_upload_mb,
+    )
 
 
 def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> FastAPI:
@@ -112,9 +152,9 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
         finally:
             app.state.service.set_stopping()
             loader.cancel()
-            engine = app.state.service.engine
-            if engine is not None:
-                await asyncio.to_thread(engine.close)
+            serving = app.state.service.serving
+            if serving is not None:
+                await asyncio.to_thread(serving.close)
 
     app = FastAPI(
         title="cat-breeds-api",

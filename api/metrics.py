@@ -51,6 +51,17 @@ class Metrics:
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
             registry=self.registry,
         )
+        self.queue_depth = Gauge(
+            "cat_breeds_queue_depth",
+            "Images admitted and not yet answered (decoding, queued or in a forward pass).",
+            registry=self.registry,
+        )
+        self.rejected = Counter(
+            "cat_breeds_rejected_total",
+            "Requests refused or abandoned, by reason (overloaded, timeout).",
+            ["reason"],
+            registry=self.registry,
+        )
         self.ready = Gauge("cat_breeds_model_ready", "1 when the model is loaded and warm.", registry=self.registry)
         self.load_seconds = Gauge(
             "cat_breeds_model_load_seconds", "Time the model took to load and warm up.", registry=self.registry

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,8 @@ from api.labels import resolve_class_names
 from api.preprocess import build_transform
 
 logger = logging.getLogger(__name__)
+
+_AUTOCAST: dict[str, torch.dtype | None] = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Classifier:
     labels_source: str = ""
     load_seconds: float = 0.0
     dtype: torch.dtype = torch.float32
+    autocast: torch.dtype | None = None  # fp16/bf16 autocast of the forward pass (API_PRECISION)
+    padded_sizes: tuple[int, ...] = ()  # compiled models see only these batch sizes (no recompiles)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -54,13 +60,31 @@ class Classifier:
         """RGB image -> normalised CHW float tensor (on the CPU)."""
         return self.transform(image)
 
+    @property
+    def resize_short_side(self) -> int:
+        """The shorter side the eval transform resizes to before cropping (timm: size / crop_pct)."""
+        size = max(self.input_size[1:])
+        return math.ceil(size / float(self.data_config.get("crop_pct") or 1.0))
+
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
         """NCHW batch -> per-class scores on the CPU (softmax, or sigmoid for multi-label heads)."""
-        logits = self.model(batch.to(self.device, dtype=self.dtype))
+        rows = batch.shape[0]
+        if self.padded_sizes:
+            size = next((s for s in self.padded_sizes if s >= rows), rows)
+            if size > rows:
+                batch = torch.cat([batch, batch.new_zeros((size - rows, *batch.shape[1:]))])
+        batch = batch.contiguous(memory_format=torch.channels_last)
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+            batch = batch.pin_memory().to(self.device, non_blocking=True)
+        else:
+            batch = batch.to(self.device)
+        context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        with context:
+            logits = self.model(batch)
         if isinstance(logits, tuple | list):  # some scripted models return (logits, aux)
             logits = logits[0]
-        logits = logits.float()
+        logits = logits[:rows].float()
         scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
         return scores.cpu()
 
@@ -88,6 +112,9 @@ def load_classifier(
     multi_label: bool = False,
     threshold: float = 0.5,
     device: str = "auto",
+    precision: str = "fp32",
+    compile_model: bool = False,
+    max_batch_size: int = 1,
 ) -> Classifier:
     """Build the classifier described by the checkpoint, with settings as explicit overrides.
 
@@ -117,6 +144,12 @@ def load_classifier(
     model = model.to(torch_device).eval()
     if torch_device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
+    if torch_device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
+    padded: tuple[int, ...] = ()
+    if compile_model:
+        model = torch.compile(model)
+        padded = tuple(sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)}))
     classifier = Classifier(
         model=model,
         architecture=architecture,
@@ -129,6 +162,8 @@ def load_classifier(
         multi_label=multi_label,
         threshold=threshold,
         labels_source=labels_source,
+        autocast=_AUTOCAST[precision],
+        padded_sizes=padded,
     )
     ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
     warm_up(classifier)
@@ -137,9 +172,13 @@ def load_classifier(
 
 
 def warm_up(classifier: Classifier) -> None:
-    """One forward pass at the serving input size, so the first request doesn't pay for it."""
-    batch = torch.zeros((1, *classifier.input_size))
-    scores = classifier.predict(batch)
+    """Forward passes at the serving input size, so no request pays for the first one.
+
+    A compiled model is run at every batch size it will meet (compilation happens here, before
+    the service reports ready); an eager model once.
+    """
+    for size in classifier.padded_sizes or (1,):
+        scores = classifier.predict(torch.zeros((size, *classifier.input_size)))
     if scores.shape[-1] != classifier.num_classes:
         raise CheckpointMismatch(
             f"the model answers {scores.shape[-1]} scores but {classifier.num_classes} classes are configured"

@@ -8,22 +8,35 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from api.engine import InferenceEngine
+from api.batching import Batcher
 from api.errors import ServiceUnavailable
 from api.model import Classifier
 
 Status = Literal["loading", "ready", "failed", "stopping"]
 
 
+@dataclass(frozen=True)
+class Serving:
+    """What answers predictions once ready: the model, its batcher and the decode pool."""
+
+    classifier: Classifier
+    batcher: Batcher
+    decoder: ThreadPoolExecutor
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.decoder.shutdown(wait=True)
+
+
 @dataclass
 class ServiceState:
     status: Status = "loading"
     reason: str | None = "loading the model"
-    classifier: Classifier | None = None
-    engine: InferenceEngine | None = None
+    serving: Serving | None = None
     started_at: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -32,13 +45,17 @@ class ServiceState:
         return self.status == "ready"
 
     @property
+    def classifier(self) -> Classifier | None:
+        return self.serving.classifier if self.serving else None
+
+    @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
 
-    def set_ready(self, classifier: Classifier, engine: InferenceEngine) -> None:
+    def set_ready(self, serving: Serving) -> None:
         with self._lock:
             if self.status == "loading":
-                self.classifier, self.engine = classifier, engine
+                self.serving = serving
                 self.status, self.reason = "ready", None
 
     def set_failed(self, reason: str) -> None:
@@ -49,10 +66,10 @@ class ServiceState:
         with self._lock:
             self.status, self.reason = "stopping", "the service is shutting down"
 
-    def require_ready(self) -> tuple[Classifier, InferenceEngine]:
-        """The classifier and engine, or a 503 that says why there are none."""
-        classifier, engine = self.classifier, self.engine
-        if self.status != "ready" or classifier is None or engine is None:
+    def require_ready(self) -> Serving:
+        """What serves predictions, or a 503 that says why nothing does."""
+        serving = self.serving
+        if self.status != "ready" or serving is None:
             retry = 5 if self.status == "loading" else 30
             raise ServiceUnavailable(f"model not ready: {self.reason}", retry_after_s=retry)
-        return classifier, engine
+        return serving

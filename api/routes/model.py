@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/v1", tags=["model"])
 )
 def model_info(state: StateDep) -> ModelInfo:
     """Architecture, class names, resolved preprocessing, device, dtype, checkpoint path and sha256."""
-    classifier, _ = state.require_ready()
+    classifier = state.require_ready().classifier
     ckpt = classifier.checkpoint
     return ModelInfo(
         architecture=classifier.architecture,
@@ -30,7 +30,7 @@ def model_info(state: StateDep) -> ModelInfo:
         preprocessing={k: list(v) if isinstance(v, tuple) else v for k, v in classifier.data_config.items()},
         device=str(classifier.device),
         device_reason=classifier.device_reason,
-        dtype=str(classifier.dtype).removeprefix("torch."),
+        dtype=str(classifier.autocast or classifier.dtype).removeprefix("torch."),
         checkpoint_path=str(ckpt.path),
         checkpoint_format=ckpt.format,
         checkpoint_sha256=ckpt.sha256,

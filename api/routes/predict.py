@@ -8,8 +8,8 @@ from typing import Annotated, Any
 
 import torch
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
+from api.config import Settings
 from api.deps import MetricsDep, SettingsDep, StateDep
 from api.errors import RequestError
 from api.metrics import Metrics
@@ -28,6 +28,7 @@ from api.schemas import (
     PredictResponse,
     Timing,
 )
+from api.state import Serving
 from api.uploads import Upload, read_uploads
 
 router = APIRouter(prefix="/api/v1", tags=["predict"])
@@ -73,9 +74,16 @@ def _identity(classifier: Classifier) -> ModelIdentity:
     )
 
 
-def _prepare(upload: Upload, classifier: Classifier, max_pixels: int) -> tuple[DecodedImage, torch.Tensor]:
-    decoded = decode_image(upload.data, max_pixels=max_pixels)
+def _prepare(upload: Upload, classifier: Classifier, settings: Settings) -> tuple[DecodedImage, torch.Tensor]:
+    reduce_to = classifier.resize_short_side if settings.reduced_decode else None
+    decoded = decode_image(upload.data, max_pixels=settings.max_image_pixels, reduce_to=reduce_to)
     return decoded, classifier.preprocess(decoded.image)
+
+
+async def _decode(serving: Serving, upload: Upload, settings: Settings) -> tuple[DecodedImage, torch.Tensor]:
+    """Decode + preprocess in the decode pool (sized from the CPU quota), never on the event loop."""
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(serving.decoder, _prepare, upload, serving.classifier, settings)
 
 
 def _prediction(classifier: Classifier, decoded: DecodedImage, scores: torch.Tensor, top_k: int) -> Prediction:
@@ -87,12 +95,8 @@ def _prediction(classifier: Classifier, decoded: DecodedImage, scores: torch.Ten
 
 def _record(metrics: Metrics, outcome: str, count: int = 1) -> None:
     metrics.images.labels(outcome).inc(count)
-
-
-def _record_batch(metrics: Metrics, size: int, seconds: float) -> None:
-    _record(metrics, "ok", size)
-    metrics.batch_size.observe(size)
-    metrics.inference.observe(seconds)
+    if outcome in ("overloaded", "timeout"):
+        metrics.rejected.labels(outcome).inc(count)
 
 
 def _timing(started: float, prepared: float, inference_s: float) -> Timing:
@@ -117,16 +121,20 @@ async def predict(
     body, or as JSON `{"image": "<base64>"}`. Answers the top-k labels (every label above the
     threshold for multi-label models), the model identity and timing."""
     started = time.perf_counter()
-    classifier, engine = state.require_ready()
-    uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=1)
+    deadline = time.monotonic() + settings.request_timeout_s  # counted from arrival, queueing included
+    serving = state.require_ready()
+    classifier = serving.classifier
     try:
-        decoded, tensor = await run_in_threadpool(_prepare, uploads[0], classifier, settings.max_image_pixels)
+        # Admission first: over capacity is answered (503) before the body is even read.
+        with serving.batcher.admit(1) as ticket:
+            uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=1)
+            decoded, tensor = await _decode(serving, uploads[0], settings)
+            prepared = time.perf_counter()
+            scores, seconds = await serving.batcher.predict(ticket, [tensor], deadline=deadline)
     except RequestError as error:
         _record(metrics, error.code)
         raise
-    prepared = time.perf_counter()
-    scores, seconds = await engine.predict([tensor])
-    _record_batch(metrics, 1, seconds)
+    _record(metrics, "ok")
     result = _prediction(classifier, decoded, scores[0], top_k or settings.top_k)
     return PredictResponse(
         predictions=result.predictions,
@@ -149,31 +157,40 @@ async def predict_batch(
     """Classify up to API_MAX_BATCH_FILES images sent as repeated multipart `file` fields, in one
     forward pass. Each file gets its own result or error; one bad file does not fail the others."""
     started = time.perf_counter()
-    classifier, engine = state.require_ready()
+    deadline = time.monotonic() + settings.request_timeout_s  # counted from arrival, queueing included
+    serving = state.require_ready()
+    classifier = serving.classifier
     uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
     items = [BatchItem(filename=u.filename, ok=False) for u in uploads]
 
     async def prepare(upload: Upload) -> tuple[DecodedImage, torch.Tensor] | RequestError:
         try:
-            return await run_in_threadpool(_prepare, upload, classifier, settings.max_image_pixels)
+            return await _decode(serving, upload, settings)
         except RequestError as error:
             return error
 
-    # Decode the files concurrently (thread pool), then classify the good ones in one forward pass.
-    outcomes = await asyncio.gather(*(prepare(upload) for upload in uploads))
-    ready = []
-    for item, outcome in zip(items, outcomes, strict=True):
-        if isinstance(outcome, RequestError):
-            _record(metrics, outcome.code)
-            item.error = ErrorBody(code=outcome.code, message=outcome.message)
-        else:
-            ready.append((item, *outcome))
-    prepared = time.perf_counter()
-    seconds = 0.0
-    if ready:
-        scores, seconds = await engine.predict([tensor for _, _, tensor in ready])
-        _record_batch(metrics, len(ready), seconds)
-        for row, (item, decoded, _) in enumerate(ready):
-            item.ok = True
-            item.result = _prediction(classifier, decoded, scores[row], top_k or settings.top_k)
+    try:
+        with serving.batcher.admit(len(uploads)) as ticket:
+            # Decode the files concurrently, then classify the good ones together.
+            outcomes = await asyncio.gather(*(prepare(upload) for upload in uploads))
+            ready = []
+            for item, outcome in zip(items, outcomes, strict=True):
+                if isinstance(outcome, RequestError):
+                    _record(metrics, outcome.code)
+                    item.error = ErrorBody(code=outcome.code, message=outcome.message)
+                else:
+                    ready.append((item, *outcome))
+            prepared = time.perf_counter()
+            seconds = 0.0
+            if ready:
+                scores, seconds = await serving.batcher.predict(
+                    ticket, [tensor for _, _, tensor in ready], deadline=deadline
+                )
+    except RequestError as error:
+        _record(metrics, error.code, len(uploads))
+        raise
+    _record(metrics, "ok", len(ready))
+    for row, (item, decoded, _) in enumerate(ready):
+        item.ok = True
+        item.result = _prediction(classifier, decoded, scores[row], top_k or settings.top_k)
     return BatchResponse(results=items, model=_identity(classifier), timing=_timing(started, prepared, seconds))

@@ -17,8 +17,8 @@ def _example_variables() -> set[str]:
 
 
 def _service_variables() -> set[str]:
-    names = {f"API_{name.upper()}" for name in Settings.model_fields} | {"LOG_LEVEL"}
-    return names - {"API_LOG_LEVEL"}
+    names = {f"API_{name.upper()}" for name in Settings.model_fields} | {"LOG_LEVEL", "WEB_CONCURRENCY"}
+    return names - {"API_LOG_LEVEL", "API_WORKERS"}  # read from LOG_LEVEL and WEB_CONCURRENCY
 
 
 def test_every_env_example_variable_is_used() -> None:

@@ -34,3 +34,25 @@ def test_multi_label_answers_every_label_over_the_threshold(checkpoint: Path) ->
     out = classifier.predict(torch.randn(2, 3, 160, 160))
     assert ((out >= 0) & (out <= 1)).all()
     assert not torch.allclose(out.sum(-1), torch.ones(2))  # independent sigmoids, not a softmax
+
+
+def test_bf16_autocast_stays_close_to_fp32(demo_dir: Path, chelsea_jpeg: bytes) -> None:
+    from api.preprocess import decode_image
+
+    fp32 = load_classifier(demo_dir, device="cpu")
+    bf16 = load_classifier(demo_dir, device="cpu", precision="bf16")
+    image = fp32.preprocess(decode_image(chelsea_jpeg, max_pixels=10**8).image)[None]
+    a, b = fp32.predict(image)[0], bf16.predict(image)[0]
+    assert b.dtype == torch.float32  # answers are float32 whatever the compute dtype
+    # chelsea's top two (tiger cat 0.38, Egyptian cat 0.37) are closer than bf16's rounding: compare the top 3
+    assert set(a.topk(3).indices.tolist()) == set(b.topk(3).indices.tolist())
+    assert (a - b).abs().max() < 0.05
+
+
+def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(checkpoint: Path) -> None:
+    eager = load_classifier(checkpoint, model_name="test_resnet", device="cpu")
+    compiled = load_classifier(checkpoint, model_name="test_resnet", device="cpu", compile_model=True, max_batch_size=3)
+    assert compiled.padded_sizes == (1, 2, 3)
+    batch = torch.randn(3, 3, 160, 160)
+    for rows in (1, 2, 3):
+        torch.testing.assert_close(compiled.predict(batch[:rows]), eager.predict(batch[:rows]), rtol=1e-3, atol=1e-4)

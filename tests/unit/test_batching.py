@@ -1,0 +1,108 @@
+"""Micro-batching: concurrent requests share a forward pass and get the answers they would alone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from api.batching import Batcher
+from api.errors import GatewayTimeout, Overloaded
+from api.model import Classifier, load_classifier
+from tests.helpers import tiny_model
+
+
+@pytest.fixture(scope="module")
+def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
+    path = tmp_path_factory.mktemp("batch") / "m.pt"
+    torch.save(tiny_model(num_classes=6).state_dict(), path)
+    return load_classifier(path, model_name="test_resnet", device="cpu")
+
+
+def _images(count: int) -> list[torch.Tensor]:
+    torch.manual_seed(7)
+    return [torch.randn(3, 160, 160) for _ in range(count)]
+
+
+def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Classifier) -> None:
+    batches: list[int] = []
+    batcher = Batcher(classifier, max_batch_size=16, max_wait_s=5.0, on_batch=lambda n, s: batches.append(n))
+    images = _images(8)
+
+    async def scenario() -> list[torch.Tensor]:
+        # All eight are admitted (decoding) before any is queued, as under concurrent load.
+        tickets = [batcher.admit(1) for _ in images]
+        entered = [t.__enter__() for t in tickets]
+        results = await asyncio.gather(*(batcher.predict(t, [img]) for t, img in zip(entered, images, strict=True)))
+        for ticket in tickets:
+            ticket.__exit__(None, None, None)
+        return [scores[0] for scores, _ in results]
+
+    try:
+        together = asyncio.run(scenario())
+    finally:
+        batcher.close()
+    assert batches == [8], f"expected one forward pass of 8, got {batches}"
+    alone = [classifier.predict(img[None])[0] for img in images]
+    for a, b in zip(together, alone, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert batcher.depth == 0
+
+
+def test_a_lone_request_does_not_wait_for_company(classifier: Classifier) -> None:
+    batcher = Batcher(classifier, max_wait_s=10.0)  # a wait this long would be obvious
+
+    async def one() -> float:
+        started = time.monotonic()
+        with batcher.admit(1) as ticket:
+            await batcher.predict(ticket, _images(1))
+        return time.monotonic() - started
+
+    try:
+        assert asyncio.run(one()) < 5.0
+    finally:
+        batcher.close()
+
+
+def test_admission_is_bounded(classifier: Classifier) -> None:
+    batcher = Batcher(classifier, max_queue=3)
+    try:
+        with batcher.admit(2), batcher.admit(1):
+            with pytest.raises(Overloaded) as caught, batcher.admit(1):
+                pass
+            assert caught.value.status == 503 and caught.value.headers["Retry-After"] == "1"
+            assert batcher.depth == 3
+        assert batcher.depth == 0
+        with batcher.admit(3):  # room again once answered
+            pass
+    finally:
+        batcher.close()
+
+
+def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -> None:
+    batches: list[int] = []
+    batcher = Batcher(classifier, on_batch=lambda n, s: batches.append(n))
+
+    async def late() -> None:
+        with batcher.admit(1) as ticket:
+            await batcher.predict(ticket, _images(1), deadline=time.monotonic() - 1)
+
+    try:
+        with pytest.raises(GatewayTimeout):
+            asyncio.run(late())
+    finally:
+        batcher.close()
+    assert sum(batches) <= 1  # dropped unless the thread took it before the caller gave up
+    assert batcher.depth == 0
+
+
+def test_failed_decodes_release_their_room(classifier: Classifier) -> None:
+    batcher = Batcher(classifier, max_queue=2)
+    try:
+        with pytest.raises(ValueError), batcher.admit(2):
+            raise ValueError("decode failed")
+        assert batcher.depth == 0 and batcher._decoding == 0
+    finally:
+        batcher.close()
