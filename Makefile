@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO_DIR := models/demo
 
-.PHONY: install run test lint format demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test lint format bench demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -23,7 +23,8 @@ demo-model: $(STAMP)
 # Serve API_CHECKPOINT_PATH (environment or .env); with none configured, the embedded demo model.
 # The demo folder carries its own architecture, classes and labels, so model settings are unset for it.
 run: $(STAMP)
-	@if [ -z "$${API_CHECKPOINT_PATH:-}" ] && ! grep -Eqs '^[[:space:]]*API_CHECKPOINT_PATH=[^[:space:]]' .env; then \
+	@export MALLOC_ARENA_MAX=2; \
+	if [ -z "$${API_CHECKPOINT_PATH:-}" ] && ! grep -Eqs '^[[:space:]]*API_CHECKPOINT_PATH=[^[:space:]]' .env; then \
 		echo "no API_CHECKPOINT_PATH configured: serving the embedded demo model ($(DEMO_DIR))"; \
 		$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR) >/dev/null || exit 1; \
 		export API_CHECKPOINT_PATH=$(DEMO_DIR) API_MODEL_NAME= API_NUM_CLASSES= API_IMAGE_SIZE= API_CLASS_NAMES_PATH=; \
@@ -51,13 +52,17 @@ docker-up:
 docker-down:
 	docker compose $(COMPOSE_FILES) down
 
+# Throughput and latency vs the in-process ceiling (not part of `make test`): artifacts/bench/.
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
 lint: $(STAMP)
-	$(BIN)/ruff check api tests
-	$(BIN)/ruff format --check api tests
+	$(BIN)/ruff check api tests bench
+	$(BIN)/ruff format --check api tests bench
 
 format: $(STAMP)
-	$(BIN)/ruff format api tests
-	$(BIN)/ruff check --fix api tests
+	$(BIN)/ruff format api tests bench
+	$(BIN)/ruff check --fix api tests bench
 
 test: lint
 	$(BIN)/python -m pytest

@@ -12,6 +12,7 @@ images whose caller gave up are dropped before the forward pass.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import queue
 import threading
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from api.errors import GatewayTimeout, Overloaded
@@ -36,9 +38,12 @@ class Ticket:
     queued: int = 0
 
 
+Prepared = np.ndarray | torch.Tensor  # what Classifier.prepare returns for one image
+
+
 @dataclass
 class _Item:
-    tensor: torch.Tensor
+    tensor: Prepared
     future: asyncio.Future[tuple[torch.Tensor, float]]
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
@@ -66,7 +71,6 @@ class Batcher:
 
     def __init__(
         self,
-        classifier: Classifier,
         *,
         max_batch_size: int = 16,
         max_wait_s: float = 0.005,
@@ -74,7 +78,7 @@ class Batcher:
         timeout_s: float = 30.0,
         on_batch: BatchObserver | None = None,
     ):
-        self.classifier = classifier
+        self.classifier: Classifier | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.max_queue = max_queue
@@ -84,8 +88,28 @@ class Batcher:
         self._admitted = 0  # images admitted and not yet answered (decoding, queued or running)
         self._decoding = 0  # of those, images not yet queued: "more is on its way"
         self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread: threading.Thread | None = None
+
+    def start(self, load: Callable[[], Classifier]) -> Classifier:
+        """Run `load` on the inference thread, then serve batches there; returns once loaded.
+
+        One thread does all of the model's work (loading, warm-up, every forward pass), so torch
+        keeps one team of worker threads, sized once, instead of one per calling thread.
+        """
+        loaded: concurrent.futures.Future[Classifier] = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                self.classifier = load()
+            except BaseException as error:  # handed to the caller of start(), which reports it
+                loaded.set_exception(error)
+                return
+            loaded.set_result(self.classifier)
+            self._loop(self.classifier)
+
+        self._thread = threading.Thread(target=run, name="inference", daemon=True)
         self._thread.start()
+        return loaded.result()
 
     # --- admission (event loop side) -------------------------------------------------------------
 
@@ -114,7 +138,7 @@ class Batcher:
                 self._decoding -= images - ticket.queued  # images that failed to decode never came
 
     async def predict(
-        self, ticket: Ticket, tensors: list[torch.Tensor], *, deadline: float | None = None
+        self, ticket: Ticket, tensors: list[Prepared], *, deadline: float | None = None
     ) -> tuple[torch.Tensor, float]:
         """Scores for admitted, preprocessed images (rows in order) and the forward-pass seconds."""
         loop = asyncio.get_running_loop()
@@ -157,7 +181,7 @@ class Batcher:
             batch.append(item)
         return batch
 
-    def _loop(self) -> None:
+    def _loop(self, classifier: Classifier) -> None:
         while True:
             first = self._queue.get()
             if first is None:
@@ -167,7 +191,7 @@ class Batcher:
                 continue
             started = time.perf_counter()
             try:
-                scores = self.classifier.predict(torch.stack([item.tensor for item in batch]))
+                scores = classifier.predict_prepared([item.tensor for item in batch])
             except Exception as error:  # a failed pass fails its callers, never the thread
                 for item in batch:
                     _hand_over(item, _fail, error)
@@ -181,4 +205,5 @@ class Batcher:
     def close(self) -> None:
         """Finish what is queued, then stop the inference thread."""
         self._queue.put(None)
-        self._thread.join(timeout=60)
+        if self._thread is not None:
+            self._thread.join(timeout=60)

@@ -65,7 +65,9 @@ class Settings(BaseSettings):
     compile: bool = Field(False, description="torch.compile the model, warmed up for every batch size before ready.")
 
     # --- throughput ------------------------------------------------------------------------------
-    max_batch_size: int = Field(16, ge=1, le=1024, description="Most images in one forward pass.")
+    max_batch_size: int = Field(
+        8, ge=1, le=1024, description="Most images in one forward pass (8 suits CPUs; 32-64 suit GPUs)."
+    )
     max_batch_wait_ms: float = Field(
         5.0, ge=0, le=1000, description="How long a batch may wait for more images after its first one."
     )

@@ -67,24 +67,27 @@ def load_configured_classifier(settings: Settings) -> Classifier:
 
 
 def start_serving(settings: Settings, metrics: Metrics) -> Serving:
-    """Size threads from the CPU quota, load the classifier, and start its batcher and decode pool."""
+    """Load the classifier on the inference thread (threads sized from the CPU quota), start its
+    batcher and the decode pool."""
     budget = cpu_budget(settings.num_threads, workers=settings.workers)
-    torch.set_num_threads(budget.threads)
     logger.info("cpu: %s; torch intra-op threads %d, decode pool %d", budget.describe(), budget.threads, budget.threads)
-    classifier = load_configured_classifier(settings)
 
     def observe(size: int, seconds: float) -> None:
         metrics.batch_size.observe(size)
         metrics.inference.observe(seconds)
 
+    def load() -> Classifier:
+        torch.set_num_threads(budget.threads)
+        return load_configured_classifier(settings)
+
     batcher = Batcher(
-        classifier,
         max_batch_size=settings.max_batch_size,
         max_wait_s=settings.max_batch_wait_ms / 1000,
         max_queue=settings.max_queue,
         timeout_s=settings.request_timeout_s,
         on_batch=observe,
     )
+    classifier = batcher.start(load)
     metrics.queue_depth.set_function(lambda: batcher.depth)
     decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
     return Serving(classifier, batcher, decoder)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import timm
 import torch
 from PIL import Image
@@ -20,7 +21,7 @@ from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES
 from api.device import resolve_device
 from api.errors import CheckpointMismatch, ConfigError
 from api.labels import resolve_class_names
-from api.preprocess import build_transform
+from api.preprocess import SplitTransform, build_transform, split_transform
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,14 @@ class Classifier:
     dtype: torch.dtype = torch.float32
     autocast: torch.dtype | None = None  # fp16/bf16 autocast of the forward pass (API_PRECISION)
     padded_sizes: tuple[int, ...] = ()  # compiled models see only these batch sizes (no recompiles)
+    split: SplitTransform | None = None
     info: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.split = split_transform(self.transform)
+        if self.split is not None:
+            self._mean = torch.tensor(self.split.mean, device=self.device).view(1, -1, 1, 1)
+            self._std = torch.tensor(self.split.std, device=self.device).view(1, -1, 1, 1)
 
     @property
     def num_classes(self) -> int:
@@ -57,8 +65,28 @@ class Classifier:
         return tuple(self.data_config["input_size"])  # type: ignore[return-value]
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> normalised CHW float tensor (on the CPU)."""
+        """RGB image -> normalised CHW float tensor (on the CPU): the whole timm transform."""
         return self.transform(image)
+
+    def prepare(self, image: Image.Image) -> np.ndarray | torch.Tensor:
+        """The per-image part of preprocessing, for the decode pool: uint8 pixels when the
+        transform splits (no torch op), else the whole transform."""
+        return self.split.pixels(image) if self.split else self.transform(image)
+
+    @torch.inference_mode()
+    def predict_prepared(self, items: list[np.ndarray] | list[torch.Tensor]) -> torch.Tensor:
+        """Scores for `prepare`d images: the batched half of preprocessing, then the forward pass."""
+        if self.split is None:
+            return self.predict(torch.stack(items))  # type: ignore[arg-type]
+        pixels = self._to_device(torch.from_numpy(np.stack(items)))  # N x H x W x 3 uint8
+        # NHWC permuted to NCHW is channels_last in memory already: no copy for the model's layout.
+        batch = pixels.permute(0, 3, 1, 2).float().div_(255).sub_(self._mean).div_(self._std)
+        return self._forward(batch)
+
+    def _to_device(self, batch: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
+            return batch.pin_memory().to(self.device, non_blocking=True)
+        return batch.to(self.device)
 
     @property
     def resize_short_side(self) -> int:
@@ -68,17 +96,15 @@ class Classifier:
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> torch.Tensor:
-        """NCHW batch -> per-class scores on the CPU (softmax, or sigmoid for multi-label heads)."""
+        """Normalised NCHW batch -> per-class scores on the CPU (softmax, or sigmoid for multi-label)."""
+        return self._forward(self._to_device(batch.contiguous(memory_format=torch.channels_last)))
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
         rows = batch.shape[0]
         if self.padded_sizes:
             size = next((s for s in self.padded_sizes if s >= rows), rows)
             if size > rows:
                 batch = torch.cat([batch, batch.new_zeros((size - rows, *batch.shape[1:]))])
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.device.type == "cuda":  # pinned host memory lets the copy overlap with compute
-            batch = batch.pin_memory().to(self.device, non_blocking=True)
-        else:
-            batch = batch.to(self.device)
         context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
         with context:
             logits = self.model(batch)
@@ -172,13 +198,13 @@ def load_classifier(
 
 
 def warm_up(classifier: Classifier) -> None:
-    """Forward passes at the serving input size, so no request pays for the first one.
-
-    A compiled model is run at every batch size it will meet (compilation happens here, before
-    the service reports ready); an eager model once.
-    """
+    """Forward passes at the serving input size through the serving path, so no request pays
+    for the first one. A compiled model is run at every batch size it will meet (compilation
+    happens here, before the service reports ready); an eager model once."""
+    height, width = classifier.input_size[1:]
+    item = classifier.prepare(Image.new("RGB", (width * 2, height * 2)))
     for size in classifier.padded_sizes or (1,):
-        scores = classifier.predict(torch.zeros((size, *classifier.input_size)))
+        scores = classifier.predict_prepared([item] * size)
     if scores.shape[-1] != classifier.num_classes:
         raise CheckpointMismatch(
             f"the model answers {scores.shape[-1]} scores but {classifier.num_classes} classes are configured"

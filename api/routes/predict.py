@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Query, Request
 
+from api.batching import Prepared
 from api.config import Settings
 from api.deps import MetricsDep, SettingsDep, StateDep
 from api.errors import RequestError
@@ -74,13 +75,13 @@ def _identity(classifier: Classifier) -> ModelIdentity:
     )
 
 
-def _prepare(upload: Upload, classifier: Classifier, settings: Settings) -> tuple[DecodedImage, torch.Tensor]:
+def _prepare(upload: Upload, classifier: Classifier, settings: Settings) -> tuple[DecodedImage, Prepared]:
     reduce_to = classifier.resize_short_side if settings.reduced_decode else None
     decoded = decode_image(upload.data, max_pixels=settings.max_image_pixels, reduce_to=reduce_to)
-    return decoded, classifier.preprocess(decoded.image)
+    return decoded, classifier.prepare(decoded.image)
 
 
-async def _decode(serving: Serving, upload: Upload, settings: Settings) -> tuple[DecodedImage, torch.Tensor]:
+async def _decode(serving: Serving, upload: Upload, settings: Settings) -> tuple[DecodedImage, Prepared]:
     """Decode + preprocess in the decode pool (sized from the CPU quota), never on the event loop."""
     loop = asyncio.get_running_loop()
     return await loop.run_in_executor(serving.decoder, _prepare, upload, serving.classifier, settings)
@@ -163,7 +164,7 @@ async def predict_batch(
     uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
     items = [BatchItem(filename=u.filename, ok=False) for u in uploads]
 
-    async def prepare(upload: Upload) -> tuple[DecodedImage, torch.Tensor] | RequestError:
+    async def prepare(upload: Upload) -> tuple[DecodedImage, Prepared] | RequestError:
         try:
             return await _decode(serving, upload, settings)
         except RequestError as error:

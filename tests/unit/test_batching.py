@@ -11,7 +11,7 @@ import torch
 from api.batching import Batcher
 from api.errors import GatewayTimeout, Overloaded
 from api.model import Classifier, load_classifier
-from tests.helpers import tiny_model
+from tests.helpers import noise_image, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -21,15 +21,21 @@ def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     return load_classifier(path, model_name="test_resnet", device="cpu")
 
 
-def _images(count: int) -> list[torch.Tensor]:
-    torch.manual_seed(7)
-    return [torch.randn(3, 160, 160) for _ in range(count)]
+def _images(classifier: Classifier, count: int) -> list:
+    """Prepared (resized, cropped uint8) real-looking images, as the decode pool hands them over."""
+    return [classifier.prepare(noise_image(200 + 10 * i, 180, seed=i)) for i in range(count)]
+
+
+def _batcher(classifier: Classifier, **options: object) -> Batcher:
+    batcher = Batcher(**options)  # type: ignore[arg-type]
+    batcher.start(lambda: classifier)
+    return batcher
 
 
 def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Classifier) -> None:
     batches: list[int] = []
-    batcher = Batcher(classifier, max_batch_size=16, max_wait_s=5.0, on_batch=lambda n, s: batches.append(n))
-    images = _images(8)
+    batcher = _batcher(classifier, max_batch_size=16, max_wait_s=5.0, on_batch=lambda n, s: batches.append(n))
+    images = _images(classifier, 8)
 
     async def scenario() -> list[torch.Tensor]:
         # All eight are admitted (decoding) before any is queued, as under concurrent load.
@@ -45,19 +51,19 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
     finally:
         batcher.close()
     assert batches == [8], f"expected one forward pass of 8, got {batches}"
-    alone = [classifier.predict(img[None])[0] for img in images]
+    alone = [classifier.predict_prepared([img])[0] for img in images]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert batcher.depth == 0
 
 
 def test_a_lone_request_does_not_wait_for_company(classifier: Classifier) -> None:
-    batcher = Batcher(classifier, max_wait_s=10.0)  # a wait this long would be obvious
+    batcher = _batcher(classifier, max_wait_s=10.0)  # a wait this long would be obvious
 
     async def one() -> float:
         started = time.monotonic()
         with batcher.admit(1) as ticket:
-            await batcher.predict(ticket, _images(1))
+            await batcher.predict(ticket, _images(classifier, 1))
         return time.monotonic() - started
 
     try:
@@ -67,7 +73,7 @@ def test_a_lone_request_does_not_wait_for_company(classifier: Classifier) -> Non
 
 
 def test_admission_is_bounded(classifier: Classifier) -> None:
-    batcher = Batcher(classifier, max_queue=3)
+    batcher = _batcher(classifier, max_queue=3)
     try:
         with batcher.admit(2), batcher.admit(1):
             with pytest.raises(Overloaded) as caught, batcher.admit(1):
@@ -83,11 +89,11 @@ def test_admission_is_bounded(classifier: Classifier) -> None:
 
 def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -> None:
     batches: list[int] = []
-    batcher = Batcher(classifier, on_batch=lambda n, s: batches.append(n))
+    batcher = _batcher(classifier, on_batch=lambda n, s: batches.append(n))
 
     async def late() -> None:
         with batcher.admit(1) as ticket:
-            await batcher.predict(ticket, _images(1), deadline=time.monotonic() - 1)
+            await batcher.predict(ticket, _images(classifier, 1), deadline=time.monotonic() - 1)
 
     try:
         with pytest.raises(GatewayTimeout):
@@ -99,7 +105,7 @@ def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -
 
 
 def test_failed_decodes_release_their_room(classifier: Classifier) -> None:
-    batcher = Batcher(classifier, max_queue=2)
+    batcher = _batcher(classifier, max_queue=2)
     try:
         with pytest.raises(ValueError), batcher.admit(2):
             raise ValueError("decode failed")

@@ -56,3 +56,17 @@ def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(checkpo
     batch = torch.randn(3, 3, 160, 160)
     for rows in (1, 2, 3):
         torch.testing.assert_close(compiled.predict(batch[:rows]), eager.predict(batch[:rows]), rtol=1e-3, atol=1e-4)
+
+
+def test_split_preprocessing_matches_the_whole_timm_transform(demo_dir: Path, chelsea_jpeg: bytes) -> None:
+    """uint8 pixels from the decode pool + batched normalisation == timm's transform, image by image."""
+    from api.preprocess import decode_image
+
+    classifier = load_classifier(demo_dir, device="cpu")
+    assert classifier.split is not None
+    image = decode_image(chelsea_jpeg, max_pixels=10**8).image
+    prepared = classifier.prepare(image)
+    assert prepared.dtype.name == "uint8" and prepared.shape == (224, 224, 3)
+    split = classifier.predict_prepared([prepared, prepared])
+    whole = classifier.predict(torch.stack([classifier.preprocess(image)] * 2))
+    torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)

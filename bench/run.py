@@ -1,0 +1,351 @@
+"""Service throughput and latency against the in-process ceiling, measured in one run.
+
+    make bench            # or: .venv/bin/python -m bench.run --help
+
+1. The ceiling: the same model and preprocessing called directly (decode + transform + forward),
+   at batch sizes 1..32, best images/s; and the batch-1 pipeline latency.
+2. The service: `cat-breeds-api serve` on 127.0.0.1, a bounded number of requests at concurrency
+   1, 4, 16 and 64 per image, images/s and p50/p90/p99 latency, each as a ratio of the ceiling.
+3. The same service with reduced-scale decoding off (large JPEG), and the multi-worker shape
+   (Gunicorn, N workers x 1 thread) against one worker with all threads.
+
+Writes artifacts/bench/results.json and artifacts/bench/throughput_vs_p99.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import skimage.data
+import timm
+import torch
+from PIL import Image
+
+from api.labels import CAT_BREEDS
+from api.model import load_classifier
+from api.preprocess import decode_image
+from api.resources import cpu_budget
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MAX_PIXELS = 50_000_000
+
+
+def _jpeg(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def images() -> dict[str, bytes]:
+    chelsea = Image.fromarray(skimage.data.chelsea())
+    return {
+        "chelsea_451x300": _jpeg(chelsea),
+        "photo_1600x1066": _jpeg(chelsea.resize((1600, 1066), Image.Resampling.BICUBIC)),
+    }
+
+
+def write_checkpoint(folder: Path, model_name: str, num_classes: int) -> Path:
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes)
+    path = folder / "best_model.pt"
+    torch.save({"model_state_dict": model.state_dict(), "class_names": list(CAT_BREEDS)[:num_classes]}, path)
+    return path
+
+
+# --- in-process ceiling ----------------------------------------------------------------------------
+
+
+def ceiling(checkpoint: Path, args: argparse.Namespace, data: bytes, *, reduced: bool) -> dict[str, float]:
+    """Best images/s of decode + preprocess + forward called directly, and batch-1 latency (p50)."""
+    torch.set_num_threads(cpu_budget(None).threads)
+    classifier = load_classifier(
+        checkpoint,
+        model_name=args.model,
+        num_classes=args.num_classes,
+        image_size=args.image_size,
+        device=args.device,
+        precision=args.precision,
+    )
+    reduce_to = classifier.resize_short_side if reduced else None
+
+    def pipeline(batch: int) -> None:
+        # the service's own per-image and batched halves, called directly and serially
+        items = [
+            classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS, reduce_to=reduce_to).image)
+            for _ in range(batch)
+        ]
+        classifier.predict_prepared(items)
+
+    best = {"images_per_s": 0.0, "batch": 1}
+    for batch in args.ceiling_batches:
+        pipeline(batch)  # warm this shape
+        rounds = max(1, args.ceiling_images // batch)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            pipeline(batch)
+        rate = rounds * batch / (time.perf_counter() - started)
+        if rate > best["images_per_s"]:
+            best = {"images_per_s": rate, "batch": batch}
+    latencies = []
+    for _ in range(args.latency_samples):
+        started = time.perf_counter()
+        pipeline(1)
+        latencies.append(time.perf_counter() - started)
+    return {**best, "batch1_p50_ms": statistics.median(latencies) * 1000}
+
+
+# --- the service -----------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _pss_mb(pid: int) -> float:
+    total = 0
+    for child in [pid, *_children(pid)]:
+        try:
+            for line in Path(f"/proc/{child}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+class Server:
+    def __init__(self, checkpoint: Path, args: argparse.Namespace, *, workers: int = 1, **env: str):
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
+        environment.update(
+            API_CHECKPOINT_PATH=str(checkpoint), API_MODEL_NAME=args.model, API_NUM_CLASSES=str(args.num_classes),
+            API_IMAGE_SIZE=str(args.image_size), API_DEVICE=args.device, API_PORT=str(self.port),
+            API_MAX_QUEUE=str(args.max_queue), API_PRECISION=args.precision,
+            API_MAX_BATCH_SIZE=str(args.max_batch_size), LOG_LEVEL="WARNING",
+            WEB_CONCURRENCY=str(workers), MALLOC_ARENA_MAX="2", **env,  # the arena cap: as image and make run
+        )  # fmt: skip
+        if workers > 1:
+            command = [str(BIN / "gunicorn"), "api.main:app", "--worker-class=uvicorn_worker.UvicornWorker",
+                       f"--bind=127.0.0.1:{self.port}", "--log-level=warning"]  # fmt: skip
+        else:
+            command = [str(BIN / "cat-breeds-api"), "serve"]
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
+        started = time.perf_counter()
+        self.process = subprocess.Popen(command, env=environment, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
+        self.cold_start_s = self._wait_ready(started)
+
+    def _wait_ready(self, started: float) -> float:
+        while time.perf_counter() - started < 120:
+            if self.process.poll() is not None:
+                self.log.seek(0)
+                raise RuntimeError(f"server exited:\n{self.log.read().decode()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                    return time.perf_counter() - started
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("server not ready after 120 s")
+
+    def pss_mb(self) -> float:
+        return _pss_mb(self.process.pid)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=60)
+        self.log.close()
+
+
+async def load(url: str, data: bytes, concurrency: int, total: int) -> dict[str, float]:
+    """`total` requests from `concurrency` clients; images/s of 200s and latency percentiles."""
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    remaining = total
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+
+        async def worker() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                started = time.perf_counter()
+                response = await client.post(url + "/api/v1/predict", files={"file": ("img.jpg", data, "image/jpeg")})
+                elapsed = time.perf_counter() - started
+                statuses[str(response.status_code)] = statuses.get(str(response.status_code), 0) + 1
+                if response.status_code == 200:
+                    latencies.append(elapsed)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+    ms = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
+    return {
+        "concurrency": concurrency,
+        "requests": total,
+        "images_per_s": len(latencies) / wall,
+        "p50_ms": float(np.percentile(ms, 50)),
+        "p90_ms": float(np.percentile(ms, 90)),
+        "p99_ms": float(np.percentile(ms, 99)),
+        "statuses": statuses,
+    }
+
+
+def sweep(server: Server, data: bytes, args: argparse.Namespace, levels: list[int]) -> list[dict[str, float]]:
+    asyncio.run(load(server.url, data, 4, 8))  # warm the connection pool and the server
+    results = []
+    for concurrency in levels:
+        total = max(args.requests, concurrency * 2)
+        results.append(asyncio.run(load(server.url, data, concurrency, total)))
+    return results
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def _table(name: str, ceil: dict[str, float], rows: list[dict[str, float]]) -> str:
+    lines = [
+        f"\n{name}: in-process ceiling {ceil['images_per_s']:.2f} img/s (batch {ceil['batch']}), "
+        f"batch-1 pipeline p50 {ceil['batch1_p50_ms']:.1f} ms",
+        f"{'conc':>5} {'img/s':>8} {'x ceil':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p50/b1':>7}  statuses",
+    ]
+    for row in rows:
+        lines.append(
+            f"{row['concurrency']:>5} {row['images_per_s']:>8.2f} {row['images_per_s'] / ceil['images_per_s']:>7.2f} "
+            f"{row['p50_ms']:>8.1f} {row['p90_ms']:>8.1f} {row['p99_ms']:>8.1f} "
+            f"{row['p50_ms'] / ceil['batch1_p50_ms']:>7.2f}  {row['statuses']}"
+        )
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for name, entry in results["images"].items():
+        rows = entry["service"]
+        axis.plot([r["p99_ms"] for r in rows], [r["images_per_s"] for r in rows], marker="o", label=name)
+        for row in rows:
+            axis.annotate(f"c={row['concurrency']}", (row["p99_ms"], row["images_per_s"]), fontsize=7)
+        axis.axhline(entry["ceiling"]["images_per_s"], linestyle="--", linewidth=0.8, color=axis.lines[-1].get_color())
+    axis.set_xscale("log")
+    axis.set_xlabel("p99 latency (ms, log)")
+    axis.set_ylabel("images/s")
+    axis.set_title(f"{results['model']} on {results['device']}: service vs in-process ceiling (dashed)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--num-classes", type=int, default=67)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--max-batch-size", type=int, default=8, help="API_MAX_BATCH_SIZE of the service")
+    parser.add_argument("--concurrency", default="1,4,16,64")
+    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level (at least 2x it)")
+    parser.add_argument("--ceiling-images", type=int, default=32, help="images per batch size for the ceiling")
+    parser.add_argument("--latency-samples", type=int, default=15)
+    parser.add_argument("--max-queue", type=int, default=64)
+    parser.add_argument("--skip-extras", action="store_true", help="no reduced-decode-off and multi-worker runs")
+    parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+    args.ceiling_batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(32, args.max_batch_size)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    photos = images()
+    results: dict = {
+        "model": args.model,
+        "device": args.device,
+        "precision": args.precision,
+        "cpus": cpu_budget(None).describe(),
+        "images": {},
+    }
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = write_checkpoint(Path(folder), args.model, args.num_classes)
+        # Ceilings first, with nothing else running; the large photo's ceiling decodes it fully.
+        ceilings = {name: ceiling(checkpoint, args, data, reduced=False) for name, data in photos.items()}
+        server = Server(checkpoint, args)
+        results["cold_start_s"] = server.cold_start_s
+        try:
+            for name, data in photos.items():
+                results["images"][name] = {"ceiling": ceilings[name], "service": sweep(server, data, args, levels)}
+            results["service_pss_mb"] = server.pss_mb()
+        finally:
+            server.stop()
+        if not args.skip_extras:
+            big = photos["photo_1600x1066"]
+            off = Server(checkpoint, args, API_REDUCED_DECODE="false")
+            try:
+                results["reduced_decode_off"] = sweep(off, big, args, [16])
+            finally:
+                off.stop()
+            workers = max(2, cpu_budget(None).threads)
+            multi = Server(checkpoint, args, workers=workers)
+            try:
+                results["multi_worker"] = {
+                    "workers": workers,
+                    "threads_per_worker": max(1, cpu_budget(None).threads // workers),
+                    "service": sweep(multi, photos["chelsea_451x300"], args, [16]),
+                    "pss_mb": multi.pss_mb(),
+                }
+            finally:
+                multi.stop()
+    for name, entry in results["images"].items():
+        print(_table(name, entry["ceiling"], entry["service"]))
+    chelsea = results["images"]["chelsea_451x300"]
+    big = results["images"]["photo_1600x1066"]
+    best = max(r["images_per_s"] for r in chelsea["service"] if r["concurrency"] <= 16)
+    summary = {
+        "chelsea_saturated_x_ceiling": best / chelsea["ceiling"]["images_per_s"],
+        "large_jpeg_x_full_decode_ceiling": max(r["images_per_s"] for r in big["service"])
+        / big["ceiling"]["images_per_s"],
+        "concurrency1_p50_x_batch1": chelsea["service"][0]["p50_ms"] / chelsea["ceiling"]["batch1_p50_ms"],
+        "cold_start_s": results["cold_start_s"],
+        "service_pss_mb": results["service_pss_mb"],
+    }
+    if "reduced_decode_off" in results:
+        on16 = next(r for r in big["service"] if r["concurrency"] == 16)["images_per_s"]
+        summary["large_jpeg_reduced_on_vs_off_c16"] = on16 / results["reduced_decode_off"][0]["images_per_s"]
+        multi = results["multi_worker"]["service"][0]["images_per_s"]
+        one = next(r for r in chelsea["service"] if r["concurrency"] == 16)["images_per_s"]
+        summary["multi_worker_vs_one_worker_c16"] = multi / one
+    results["summary"] = summary
+    print("\nsummary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    (args.out / "results.json").write_text(json.dumps(results, indent=2))
+    plot(results, args.out / "throughput_vs_p99.png")
+    print(f"wrote {args.out / 'results.json'} and {args.out / 'throughput_vs_p99.png'}")
+
+
+if __name__ == "__main__":
+    main()
