@@ -52,6 +52,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "port": settings.port,
         "log_level": settings.log_level.lower(),
         "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "server_header": False,  # no software/version banner in responses
     }
     if args.reload:
         # The reloader re-imports `api.main:app`, which reads the environment: pass overrides there.

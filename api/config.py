@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.errors import ConfigError
@@ -89,6 +89,9 @@ class Settings(BaseSettings):
     # --- the HTTP service ------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address (0.0.0.0 inside containers).")
     port: int = Field(8000, ge=1, le=65535)
+    api_key: SecretStr | None = Field(
+        None, description="When set, prediction and model routes need it (X-API-Key or Authorization: Bearer)."
+    )
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
     )

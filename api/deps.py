@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
 from api.config import Settings
+from api.errors import Unauthorized
 from api.metrics import Metrics
 from api.state import ServiceState
 
@@ -26,3 +29,21 @@ def get_metrics(request: Request) -> Metrics:
 StateDep = Annotated[ServiceState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_app_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+_API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="API_API_KEY, when it is set.")
+_BEARER = HTTPBearer(auto_error=False, description="API_API_KEY as a bearer token, when it is set.")
+
+
+def require_api_key(
+    request: Request,
+    header_key: Annotated[str | None, Security(_API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+) -> None:
+    """With API_API_KEY set, the request must carry it; compared in constant time. 401 says no more."""
+    expected = request.app.state.settings.api_key
+    if expected is None:
+        return
+    given = header_key or (bearer.credentials if bearer else None)
+    if given is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized()

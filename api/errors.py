@@ -10,6 +10,7 @@
     │       └── CheckpointMismatch   weights, architecture, classes or labels disagree
     └── RequestError                 answered as {"error": {"code", "message"}} with `status`
         ├── InvalidImage             400 invalid_image / empty_file / invalid_base64 / invalid_json
+        ├── Unauthorized             401 unauthorized: API key missing or wrong (API_API_KEY)
         ├── PayloadTooLarge          413 payload_too_large
         ├── ImageTooLarge            413 image_too_large (pixel limit, checked before decoding)
         ├── UnsupportedMediaType     415 unsupported_media_type
@@ -74,6 +75,14 @@ class RequestError(CatBreedsError):
 class InvalidImage(RequestError):
     status = 400
     code = "invalid_image"
+
+
+class Unauthorized(RequestError):
+    status = 401
+    code = "unauthorized"
+
+    def __init__(self, message: str = "missing or invalid API key"):
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
 
 
 class PayloadTooLarge(RequestError):

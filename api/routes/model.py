@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
-from api.deps import StateDep
+from api.deps import StateDep, require_api_key
 from api.schemas import ErrorResponse, ModelInfo
 
-router = APIRouter(prefix="/api/v1", tags=["model"])
+router = APIRouter(prefix="/api/v1", tags=["model"], dependencies=[Depends(require_api_key)])
 
 
 @router.get(

@@ -7,11 +7,11 @@ import time
 from typing import Annotated, Any
 
 import torch
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 
 from api.batching import Prepared
 from api.config import Settings
-from api.deps import MetricsDep, SettingsDep, StateDep
+from api.deps import MetricsDep, SettingsDep, StateDep, require_api_key
 from api.errors import RequestError
 from api.metrics import Metrics
 from api.model import Classifier
@@ -32,7 +32,7 @@ from api.schemas import (
 from api.state import Serving
 from api.uploads import Upload, read_uploads
 
-router = APIRouter(prefix="/api/v1", tags=["predict"])
+router = APIRouter(prefix="/api/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
 
 TopK = Annotated[
     int | None, Query(ge=1, le=1000, description="Labels to return (default API_TOP_K; ignored for multi-label).")
@@ -40,6 +40,7 @@ TopK = Annotated[
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or undecodable image, bad base64/JSON."},
+    401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
     413: {"model": ErrorResponse, "description": "Upload over API_MAX_UPLOAD_MB or canvas over API_MAX_IMAGE_PIXELS."},
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
     422: {"model": ErrorResponse, "description": "No file in the request, or a bad query parameter."},

@@ -108,6 +108,14 @@ def test_5_limits_loopback_port_non_root_and_read_only_models(stack: Stack) -> N
     assert write.returncode != 0 and "Read-only file system" in (write.stdout + write.stderr)
     assert mounts["/app/logs"]["RW"] is True and mounts["/home/appuser/.cache"]["RW"] is True
     stack.exec("touch", "/home/appuser/.cache/writable")  # the cache volume is the app user's
+    # hardening: read-only root (only volumes and /tmp take writes), no capabilities, no escalation
+    assert host["ReadonlyRootfs"] is True
+    assert host["CapDrop"] == ["ALL"] or host["CapDrop"] == ["CAP_ALL"]
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert host["PidsLimit"] == 512
+    root_write = stack.exec("touch", "/should-fail", check=False)
+    assert root_write.returncode != 0 and "Read-only file system" in (root_write.stdout + root_write.stderr)
+    stack.exec("touch", "/tmp/writable")
 
 
 def test_6_stop_drains_requests_in_flight(stack: Stack, chelsea: Image.Image) -> None:

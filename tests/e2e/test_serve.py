@@ -70,6 +70,7 @@ def test_serve_classifies_chelsea_with_the_seed_curl(
     )  # fmt: skip
     body = json.loads(result.stdout)
     assert body["predictions"][0]["index"] in IMAGENET_CATS
+    assert "server" not in httpx.get(f"{url}/health").headers  # no software banner
 
 
 def test_cli_predict_remote_and_local_agree(
