@@ -137,6 +137,7 @@ class Settings(BaseSettings):
         "image_size",
         "log_dir",
         "num_threads",
+        "api_key",
         mode="before",
     )
     @classmethod

@@ -84,3 +84,11 @@ def test_device_spellings(monkeypatch: pytest.MonkeyPatch) -> None:
     for value, expected in [("CUDA:1", "cuda:1"), (" cpu ", "cpu"), ("mps", "mps")]:
         monkeypatch.setenv("API_DEVICE", value)
         assert load_settings().device == expected
+
+
+def test_blank_api_key_means_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compose passes API_API_KEY= when .env leaves it unset: that must not demand an empty key."""
+    monkeypatch.setenv("API_API_KEY", "")
+    assert load_settings().api_key is None
+    monkeypatch.setenv("API_API_KEY", "abc")
+    assert load_settings().api_key.get_secret_value() == "abc"  # type: ignore[union-attr]
