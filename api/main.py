@@ -30,6 +30,7 @@ from api.limits import BodyLimitMiddleware
 from api.logs import configure_logging
 from api.metrics import Metrics
 from api.model import Classifier, load_classifier
+from api.requestlog import RequestLogMiddleware
 from api.resources import cpu_budget
 from api.routes import health, model, predict
 from api.state import ServiceState, Serving
@@ -181,6 +182,7 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
     app.middleware("http")(metrics.middleware)
+    app.add_middleware(RequestLogMiddleware)  # outermost: every answer, refusals included, gets an id
     _add_error_handlers(app)
     app.include_router(health.router)
     app.include_router(predict.router)

@@ -1,0 +1,68 @@
+"""Request ids and one structured access-log line per request.
+
+`X-Request-ID` is honoured when the client sends a sane one (else generated) and echoed on every
+response, errors included, so a user's report can be matched to the log line. Each request is
+logged once as JSON (id, method, path, status, latency); health and metrics probes at DEBUG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+
+from starlette.datastructures import MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger("api.access")
+
+_VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_QUIET = ("/health", "/metrics")
+
+
+def request_id_from(scope: Scope) -> str:
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            candidate = value.decode("latin-1")
+            if _VALID_ID.match(candidate):
+                return candidate
+    return uuid.uuid4().hex
+
+
+class RequestLogMiddleware:
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = request_id_from(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = time.perf_counter()
+        status = 500  # what the client sees when the app fails before answering
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                MutableHeaders(scope=message).append("X-Request-ID", request_id)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            path = scope.get("path", "")
+            record = {
+                "event": "request",
+                "request_id": request_id,
+                "method": scope.get("method"),
+                "path": path,
+                "status": status,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+                "client": (scope.get("client") or ("", 0))[0],
+            }
+            level = logging.DEBUG if path.startswith(_QUIET) else logging.INFO
+            logger.log(level, json.dumps(record))

@@ -1,0 +1,32 @@
+"""Every answer carries a request id, and every request is one JSON access-log line."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import httpx
+import pytest
+
+
+def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "api.access"]
+
+
+def test_request_id_is_honoured_generated_and_logged(
+    tiny_server: str, chelsea_jpeg: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="api.access")
+    mine = httpx.post(tiny_server + "/api/v1/predict", files={"file": chelsea_jpeg}, headers={"X-Request-ID": "req-42"})
+    assert mine.status_code == 200 and mine.headers["x-request-id"] == "req-42"
+    generated = httpx.get(tiny_server + "/health")
+    assert len(generated.headers["x-request-id"]) == 32
+    hostile = httpx.get(tiny_server + "/health", headers={"X-Request-ID": "x" * 500})
+    assert hostile.headers["x-request-id"] != "x" * 500  # not echoed: replaced by a generated one
+    refused = httpx.post(tiny_server + "/api/v1/predict", content=b"not an image", headers={"X-Request-ID": "bad-1"})
+    assert refused.status_code == 415 and refused.headers["x-request-id"] == "bad-1"
+    lines = {line["request_id"]: line for line in _access_lines(caplog)}
+    assert lines["req-42"]["status"] == 200 and lines["req-42"]["path"] == "/api/v1/predict"
+    assert lines["req-42"]["method"] == "POST" and lines["req-42"]["latency_ms"] > 0
+    assert lines["bad-1"]["status"] == 415
+    assert lines[generated.headers["x-request-id"]]["path"] == "/health"
