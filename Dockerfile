@@ -3,37 +3,14 @@
 #   docker compose build                        # default: the pinned PyPI torch (CUDA 13.0 build)
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu126 -t cat-breeds-api .
 #   docker build --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu -t cat-breeds-api .
-#   scripts/wheelhouse.sh && docker compose build   # offline / air-gapped: install only from docker/wheelhouse
+#   make wheelhouse && make docker-build        # offline / air-gapped: only the wheels in docker/wheelhouse
 #
 # PyTorch's wheels bring their own CUDA libraries; the NVIDIA Container Toolkit only injects the driver.
+# One stage: the virtualenv is installed where it runs, so a build writes its ~6 GB once (a builder
+# stage plus COPY --from would write it twice, and a wheelhouse COPY would add its 3 GB as a layer).
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 
-# --- builder: a virtualenv with the pinned dependencies (rebuilt only when pyproject.toml changes) ---
-FROM ${BASE_IMAGE} AS builder
-ARG TORCH_INDEX_URL=
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PIP_NO_CACHE_DIR=1 \
-    PYTHONDONTWRITEBYTECODE=1
-WORKDIR /build
-COPY pyproject.toml ./
-COPY docker/wheelhouse/ /wheels/
-# The runtime requirements are read from pyproject.toml, so there is one list of pins.
-# With wheels in docker/wheelhouse the install is offline; otherwise from PyPI (plus TORCH_INDEX_URL).
-RUN python3 -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-open('requirements.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
-open('debug.txt', 'w').write('\n'.join(p['optional-dependencies']['debug']) + '\n')" \
- && if ls /wheels/*.whl >/dev/null 2>&1; then set -- --no-index --find-links /wheels; \
-    elif [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; \
-    else set --; fi \
- && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install "$@" -r requirements.txt \
- && /opt/venv/bin/pip install "$@" --target /opt/debug -r debug.txt \
- && find /opt/venv /opt/debug -name '__pycache__' -type d -prune -exec rm -rf {} +
-# Lets a test run find (and remove) the builder stage it made; empty for normal builds.
-ARG BUILD_ID=
-LABEL cat-breeds-api.builder="${BUILD_ID}"
-
-# --- runtime: the venv, the source, a non-root user -----------------------------------------------
+# --- runtime: a non-root user, the pinned dependencies, the source ---------------------------------
 FROM ${BASE_IMAGE} AS runtime
 ARG APP_UID=1000
 ARG APP_GID=1000
@@ -57,9 +34,25 @@ RUN groupadd --gid "${APP_GID}" appuser \
         --shell /usr/sbin/nologin appuser \
  && mkdir -p /app/models /app/logs /home/appuser/.cache \
  && chown -R appuser:appuser /app /home/appuser
-COPY --from=builder /opt/venv /opt/venv
-# debugpy, off the import path unless the development override adds it (PYTHONPATH=/app:/opt/debug).
-COPY --from=builder /opt/debug /opt/debug
+# The dependency layer is rebuilt only when pyproject.toml (the one list of pins) or a build argument
+# changes. WHEELHOUSE_URL (scripts/with_wheelhouse.py serves docker/wheelhouse on loopback during the
+# build) makes the install offline; otherwise PyPI, plus TORCH_INDEX_URL for another torch build.
+# debugpy goes to /opt/debug, off the import path unless the development override adds it.
+ARG TORCH_INDEX_URL=
+ARG WHEELHOUSE_URL=
+COPY pyproject.toml /tmp/build/
+RUN python3 -c "import tomllib; p = tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']; \
+open('/tmp/build/requirements.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
+open('/tmp/build/debug.txt', 'w').write('\n'.join(p['optional-dependencies']['debug']) + '\n')" \
+ && if [ -n "$WHEELHOUSE_URL" ]; then set -- --no-index --find-links "$WHEELHOUSE_URL"; \
+    elif [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; \
+    else set --; fi \
+ && python3 -m venv /opt/venv \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" -r /tmp/build/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" \
+        --target /opt/debug -r /tmp/build/debug.txt \
+ && find /opt/venv /opt/debug -name '__pycache__' -type d -prune -exec rm -rf {} + \
+ && rm -rf /tmp/build
 WORKDIR /app
 COPY api/ /app/api/
 USER ${APP_UID}:${APP_GID}

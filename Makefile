@@ -37,14 +37,15 @@ run: $(STAMP)
 doctor: $(STAMP)
 	$(BIN)/cat-breeds-api doctor
 
-# Wheels for an offline image build (docker/wheelhouse); the Dockerfile uses them when present.
+# Wheels for an offline image build (docker/wheelhouse); make docker-build installs only those when present.
 wheelhouse: $(STAMP)
 	scripts/wheelhouse.sh
 
 # GPU host: the base file; on a host without an NVIDIA GPU add COMPOSE_FILES="-f docker-compose.yml -f docker-compose.cpu.yml".
 COMPOSE_FILES ?= -f docker-compose.yml
+# With wheels in docker/wheelhouse (make wheelhouse) the build installs only those, served on loopback.
 docker-build:
-	docker compose $(COMPOSE_FILES) build
+	$(PYTHON) scripts/with_wheelhouse.py docker compose $(COMPOSE_FILES) build
 
 docker-up:
 	docker compose $(COMPOSE_FILES) up -d --wait
@@ -57,12 +58,12 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 lint: $(STAMP)
-	$(BIN)/ruff check api tests bench
-	$(BIN)/ruff format --check api tests bench
+	$(BIN)/ruff check api tests bench scripts
+	$(BIN)/ruff format --check api tests bench scripts
 
 format: $(STAMP)
-	$(BIN)/ruff format api tests bench
-	$(BIN)/ruff check --fix api tests bench
+	$(BIN)/ruff format api tests bench scripts
+	$(BIN)/ruff check --fix api tests bench scripts
 
 test: lint
 	$(BIN)/python -m pytest

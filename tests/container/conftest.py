@@ -1,7 +1,7 @@
 """The container tier: the real image and Compose files on a real Docker engine.
 
 Skips itself (with the reason) when no engine is reachable, unless REQUIRE_DOCKER=1 (CI), where a
-missing engine is a failure. Everything it builds carries a per-run tag/label and is removed after.
+missing engine is a failure. Everything it builds carries a per-run tag and is removed after.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import uuid
@@ -77,7 +78,9 @@ class Stack:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.env['API_PORT']}"
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    def compose(
+        self, *args: str, check: bool = True, timeout: float = 600, wrapper: list[str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
         env_file = self.workdir / f"{self.name}.env"
         env_file.write_text("".join(f"{k}={v}\n" for k, v in self.env.items()))
         command = ["docker", "compose", "-p", self.name, "--project-directory", str(self.project_dir)]
@@ -88,7 +91,9 @@ class Stack:
             command += ["-f", str(path)]
         clean_env = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         clean_env.pop("CONTAINER_NAME", None)
-        result = subprocess.run([*command, *args], capture_output=True, text=True, env=clean_env, timeout=timeout)
+        result = subprocess.run(
+            [*(wrapper or []), *command, *args], capture_output=True, text=True, env=clean_env, timeout=timeout
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"docker compose {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
         return result
@@ -153,7 +158,6 @@ def _base_env(models: Path) -> dict[str, str]:
     cpus = min(os.cpu_count() or 1, 4)
     return {
         "IMAGE_TAG": f"test-{RUN_ID}",
-        "BUILD_ID": RUN_ID,
         "BASE_IMAGE": os.environ.get("CAT_BREEDS_BASE_IMAGE", "python:3.11-slim-bookworm"),
         "MODELS_DIR": str(models),
         "API_CHECKPOINT_PATH": "/app/models",
@@ -178,23 +182,18 @@ def no_fixed_name(workdir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def images(engine: None, models_dir: Path, workdir: Path, no_fixed_name: Path) -> Iterator[dict[str, float]]:
-    """Build the image once through Compose (as users do); remove it and its builder stage afterwards."""
+    """Build the image once through Compose (as users do); remove it afterwards."""
     env = _base_env(models_dir)
     timings: dict[str, float] = {}
     stack = Stack(f"cbt{RUN_ID}build", BASE, env, workdir, extra=[no_fixed_name])
     try:
         started = time.monotonic()
-        stack.compose("build", timeout=1800)
+        # as `make docker-build` does: wheels in docker/wheelhouse are served to the build on loopback
+        stack.compose("build", timeout=1800, wrapper=[sys.executable, str(ROOT / "scripts" / "with_wheelhouse.py")])
         timings["build_s"] = time.monotonic() - started
         yield timings
     finally:
         subprocess.run(["docker", "rmi", "-f", f"cat-breeds-api:test-{RUN_ID}"], capture_output=True)
-        builders = subprocess.run(
-            ["docker", "images", "-q", "--filter", f"label=cat-breeds-api.builder={RUN_ID}"],
-            capture_output=True, text=True,
-        ).stdout.split()  # fmt: skip
-        if builders:
-            subprocess.run(["docker", "rmi", "-f", *set(builders)], capture_output=True)
 
 
 @pytest.fixture(scope="session")
