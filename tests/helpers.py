@@ -68,6 +68,15 @@ def running_server(settings: Settings, *, wait_ready: bool = True, timeout_s: fl
         sock.close()
 
 
+def eventually(check: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `check` until it holds (work a server thread finishes after its response, e.g. a log line)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not hold within {timeout_s}s")
+        time.sleep(0.02)
+
+
 def wait_for(
     url: str, path: str = "/health", *, timeout_s: float = 60.0, accept: Callable[[int], bool] | None = None
 ) -> None:

@@ -8,6 +8,8 @@ import logging
 import httpx
 import pytest
 
+from tests.helpers import eventually
+
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
     return [json.loads(r.getMessage()) for r in caplog.records if r.name == "api.access"]
@@ -25,6 +27,9 @@ def test_request_id_is_honoured_generated_and_logged(
     assert hostile.headers["x-request-id"] != "x" * 500  # not echoed: replaced by a generated one
     refused = httpx.post(tiny_server + "/api/v1/predict", content=b"not an image", headers={"X-Request-ID": "bad-1"})
     assert refused.status_code == 415 and refused.headers["x-request-id"] == "bad-1"
+    # the line is written once the response is sent: the client may see the answer first
+    expected = {"req-42", "bad-1", generated.headers["x-request-id"]}
+    eventually(lambda: expected <= {line["request_id"] for line in _access_lines(caplog)}, what="access lines")
     lines = {line["request_id"]: line for line in _access_lines(caplog)}
     assert lines["req-42"]["status"] == 200 and lines["req-42"]["path"] == "/api/v1/predict"
     assert lines["req-42"]["method"] == "POST" and lines["req-42"]["latency_ms"] > 0
