@@ -28,6 +28,16 @@ from api.errors import GatewayTimeout, Overloaded
 from api.model import Classifier
 
 BatchObserver = Callable[[int, float], None]
+DepthObserver = Callable[[int], None]
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """How one image was served: the size of its batch, that forward pass, its wait in the queue."""
+
+    size: int
+    forward_s: float
+    queued_s: float
 
 
 @dataclass
@@ -44,18 +54,18 @@ Prepared = np.ndarray | torch.Tensor  # what Classifier.prepare returns for one 
 @dataclass
 class _Item:
     tensor: Prepared
-    future: asyncio.Future[tuple[torch.Tensor, float]]
+    future: asyncio.Future[tuple[torch.Tensor, BatchRun]]
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
     abandoned: bool = False  # set by the caller's event loop on timeout; read by the inference thread
 
 
-def _deliver(future: asyncio.Future[tuple[torch.Tensor, float]], value: tuple[torch.Tensor, float]) -> None:
+def _deliver(future: asyncio.Future[tuple[torch.Tensor, BatchRun]], value: tuple[torch.Tensor, BatchRun]) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[tuple[torch.Tensor, float]], error: BaseException) -> None:
+def _fail(future: asyncio.Future[tuple[torch.Tensor, BatchRun]], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
 
@@ -77,6 +87,7 @@ class Batcher:
         max_queue: int = 64,
         timeout_s: float = 30.0,
         on_batch: BatchObserver | None = None,
+        on_depth: DepthObserver | None = None,
     ):
         self.classifier: Classifier | None = None
         self.max_batch_size = max_batch_size
@@ -84,6 +95,7 @@ class Batcher:
         self.max_queue = max_queue
         self.timeout_s = timeout_s
         self._on_batch = on_batch
+        self._on_depth = on_depth
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._admitted = 0  # images admitted and not yet answered (decoding, queued or running)
         self._decoding = 0  # of those, images not yet queued: "more is on its way"
@@ -129,6 +141,8 @@ class Batcher:
                 )
             self._admitted += images
             self._decoding += images
+            depth = self._admitted
+        self._report_depth(depth)
         ticket = Ticket(images)
         try:
             yield ticket
@@ -136,11 +150,17 @@ class Batcher:
             with self._lock:
                 self._admitted -= images
                 self._decoding -= images - ticket.queued  # images that failed to decode never came
+                depth = self._admitted
+            self._report_depth(depth)
+
+    def _report_depth(self, depth: int) -> None:
+        if self._on_depth is not None:
+            self._on_depth(depth)
 
     async def predict(
         self, ticket: Ticket, tensors: list[Prepared], *, deadline: float | None = None
-    ) -> tuple[torch.Tensor, float]:
-        """Scores for admitted, preprocessed images (rows in order) and the forward-pass seconds."""
+    ) -> tuple[torch.Tensor, list[BatchRun]]:
+        """Scores for admitted, preprocessed images (rows in order) and how each was served."""
         loop = asyncio.get_running_loop()
         items = [_Item(tensor, loop.create_future(), loop) for tensor in tensors]
         with self._lock:
@@ -157,7 +177,7 @@ class Batcher:
             raise GatewayTimeout(
                 f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.timeout_s:g})"
             ) from None
-        return torch.stack([row for row, _ in results]), max(seconds for _, seconds in results)
+        return torch.stack([row for row, _ in results]), [run for _, run in results]
 
     # --- the inference thread --------------------------------------------------------------------
 
@@ -190,6 +210,7 @@ class Batcher:
             if not batch:
                 continue
             started = time.perf_counter()
+            began = time.monotonic()
             try:
                 scores = classifier.predict_prepared([item.tensor for item in batch])
             except Exception as error:  # a failed pass fails its callers, never the thread
@@ -200,7 +221,7 @@ class Batcher:
             if self._on_batch is not None:
                 self._on_batch(len(batch), seconds)
             for row, item in enumerate(batch):
-                _hand_over(item, _deliver, (scores[row], seconds))
+                _hand_over(item, _deliver, (scores[row], BatchRun(len(batch), seconds, began - item.queued_at)))
 
     def close(self) -> None:
         """Finish what is queued, then stop the inference thread."""

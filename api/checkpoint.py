@@ -104,7 +104,8 @@ def _torch_load(path: Path) -> Any:
     except Exception as error:  # a damaged pickle fails with whatever the unpickler tripped on
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise CheckpointUnreadable(
-            f"cannot read checkpoint {path}: {reason} (truncated or not a PyTorch checkpoint?)"
+            f"cannot read checkpoint {path}: {reason} (truncated or not a PyTorch checkpoint?); "
+            "copy it again, or set API_CHECKPOINT_PATH to a complete checkpoint"
         ) from None
 
 

@@ -44,22 +44,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from api.logs import configure_logging
     from api.main import create_app
+    from api.server import serve
 
     settings = _settings(host=args.host, port=args.port)
-    configure_logging(settings.log_level, settings.log_dir)
+    configure_logging(settings.log_level, settings.log_dir, settings.log_format)
     common: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
-        "timeout_graceful_shutdown": settings.graceful_timeout_s,
+        "log_config": None,  # uvicorn's records go through our handlers (JSON by default)
+        "access_log": False,  # api.access writes one structured line per request
         "server_header": False,  # no software/version banner in responses
     }
     if args.reload:
+        common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
         # The reloader re-imports `api.main:app`, which reads the environment: pass overrides there.
         os.environ.update({"API_HOST": settings.host, "API_PORT": str(settings.port)})
         uvicorn.run("api.main:app", reload=True, reload_dirs=[str(Path(__file__).parent)], **common)
     else:
-        uvicorn.run(create_app(settings), **common)
+        serve(create_app(settings), **common)
 
 
 # --- predict ---------------------------------------------------------------------------------------

@@ -102,11 +102,21 @@ class Settings(BaseSettings):
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
     graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
+    shutdown_delay_s: float = Field(
+        0.0,
+        ge=0,
+        le=300,
+        description="After SIGTERM, report not-ready (503) and keep serving this long before draining, "
+        "so a load balancer stops sending first (Kubernetes: a few seconds).",
+    )
     log_dir: Path | None = Field(
         None, description="Also write the service log to <dir>/api.log (rotated); containers use /app/logs."
     )
     log_level: LogLevel = Field(
         "INFO", validation_alias=AliasChoices("LOG_LEVEL", "API_LOG_LEVEL"), description="LOG_LEVEL."
+    )
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line (log collectors); text: for a terminal."
     )
 
     @field_validator("device")

@@ -1,29 +1,70 @@
-"""Logging set-up for the service process (tests leave logging alone)."""
+"""Logging set-up for the service process (tests leave logging alone).
+
+Records go to stdout and, with a log folder, to `<dir>/api.log` (rotated). In the default `json`
+format each record is one JSON object per line: time, level, logger, message, plus the structured
+fields a record carries (`extra=`), such as the access log's request id, status and latency.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.handlers
+import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
-FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_FILE = "api.log"
+_ROTATE_BYTES = 10 * 1024**2
+_ROTATE_KEEP = 5
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is a field.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "taskName", "color_message"}
 
 
-def configure_logging(level: str, log_dir: Path | None = None) -> None:
-    """One-line records on stderr (and in `log_dir/api.log`, rotated, when set).
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (UTC, ISO 8601), level, logger, message, extra fields."""
 
-    Uvicorn configures its own `uvicorn.*` loggers; this sets the root handlers and levels that our
-    `api.*` loggers and the libraries below them use.
-    """
-    logging.basicConfig(level=level, format=FORMAT)
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "pid": record.process,  # which worker, under Gunicorn
+            "message": record.getMessage(),
+        }
+        entry.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD and not k.startswith("_")})
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def formatter(log_format: str) -> logging.Formatter:
+    return JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT)
+
+
+def configure_logging(level: str, log_dir: Path | None = None, log_format: str = "json") -> None:
+    """Root handlers for stdout (and `log_dir/api.log`); our `api.*` loggers and uvicorn's propagate here."""
     root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_cat_breeds_api", False):  # configured before (reload, tests): replace
+            root.removeHandler(handler)
+            handler.close()
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_dir is not None:
+        log_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(
+            logging.handlers.RotatingFileHandler(log_dir / LOG_FILE, maxBytes=_ROTATE_BYTES, backupCount=_ROTATE_KEEP)
+        )
+    for handler in handlers:
+        handler.setFormatter(formatter(log_format))
+        handler._cat_breeds_api = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
     root.setLevel(level)
     logging.getLogger("api").setLevel(level)
-    if log_dir is not None:
-        path = log_dir / LOG_FILE
-        if not any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in root.handlers):
-            log_dir.mkdir(parents=True, exist_ok=True)
-            handler = logging.handlers.RotatingFileHandler(path, maxBytes=10 * 1024**2, backupCount=5)
-            handler.setFormatter(logging.Formatter(FORMAT))
-            root.addHandler(handler)
+    # uvicorn's loggers: through the handlers above; its access log is ours (api.access), not twice.
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True

@@ -76,6 +76,9 @@ def start_serving(settings: Settings, metrics: Metrics) -> Serving:
     def observe(size: int, seconds: float) -> None:
         metrics.batch_size.observe(size)
         metrics.inference.observe(seconds)
+        device = batcher.classifier.device if batcher.classifier is not None else None
+        if device is not None and device.type == "cuda":
+            metrics.gpu_memory.set(torch.cuda.memory_allocated(device))
 
     def load() -> Classifier:
         torch.set_num_threads(budget.threads)
@@ -87,9 +90,9 @@ def start_serving(settings: Settings, metrics: Metrics) -> Serving:
         max_queue=settings.max_queue,
         timeout_s=settings.request_timeout_s,
         on_batch=observe,
+        on_depth=metrics.queue_depth.set,
     )
     classifier = batcher.start(load)
-    metrics.queue_depth.set_function(lambda: batcher.depth)
     decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
     return Serving(classifier, batcher, decoder)
 
@@ -118,30 +121,48 @@ async def _load_in_background(app: FastAPI, settings: Settings, *, exit_on_failu
 
 
 def _log_ready(classifier: Classifier, settings: Settings) -> None:
+    """One line that says what is being served and under which limits (never the API key itself)."""
     ckpt = classifier.checkpoint
-    logger.info("device: %s (%s)", classifier.device, classifier.device_reason)
+    summary = {
+        "event": "ready",
+        "model": classifier.architecture,
+        "classes": classifier.num_classes,
+        "labels": classifier.labels_source,
+        "checkpoint": str(ckpt.path),
+        "checkpoint_format": ckpt.format + (f":{ckpt.weights_key}" if ckpt.weights_key else ""),
+        "checkpoint_sha256": ckpt.sha256[:12],
+        "device": str(classifier.device),
+        "device_reason": classifier.device_reason,
+        "dtype": settings.precision,
+        "compiled": settings.compile,
+        "input_size": list(classifier.data_config.get("input_size", ())),
+        "load_s": round(classifier.load_seconds, 2),
+        "max_batch_size": settings.max_batch_size,
+        "max_batch_wait_ms": settings.max_batch_wait_ms,
+        "max_queue": settings.max_queue,
+        "request_timeout_s": settings.request_timeout_s,
+        "max_upload_mb": settings.max_upload_mb,
+        "max_image_pixels": settings.max_image_pixels,
+        "api_key": "set" if settings.api_key is not None else "not set",
+    }
     logger.info(
-        "model ready: %s, %d classes (labels: %s), checkpoint %s [%s%s] sha256 %s, loaded and warmed up in %.2fs",
-        classifier.architecture,
-        classifier.num_classes,
-        classifier.labels_source,
-        ckpt.path,
-        ckpt.format,
-        f":{ckpt.weights_key}" if ckpt.weights_key else "",
-        ckpt.sha256[:12],
+        "model ready: %s, %d classes (labels: %s), %s %s on %s, loaded and warmed up in %.2fs; "
+        "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB, API key %s",
+        summary["model"],
+        summary["classes"],
+        summary["labels"],
+        summary["checkpoint"],
+        summary["checkpoint_format"],
+        summary["device"],
         classifier.load_seconds,
-    )
-    logger.info("preprocessing: %s", classifier.data_config)
-    logger.info(
-        "serving: precision %s%s, batches of up to %d (wait %g ms), queue %d, deadline %gs, uploads <= %g MiB",
-        settings.precision,
-        ", compiled" if settings.compile else "",
         settings.max_batch_size,
-        settings.max_batch_wait_ms,
         settings.max_queue,
         settings.request_timeout_s,
         settings.max_upload_mb,
+        summary["api_key"],
+        extra=summary,
     )
+    logger.debug("preprocessing: %s", classifier.data_config)
 
 
 def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> FastAPI:
@@ -155,6 +176,7 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
             yield
         finally:
             app.state.service.set_stopping()
+            app.state.metrics.ready.set(0)
             loader.cancel()
             serving = app.state.service.serving
             if serving is not None:
@@ -227,7 +249,7 @@ def app_from_environment() -> FastAPI:
     except ConfigError as error:
         sys.stderr.write(f"configuration error: {error}\n")
         raise SystemExit(EXIT_BAD_CONFIG) from None
-    configure_logging(settings.log_level, settings.log_dir)
+    configure_logging(settings.log_level, settings.log_dir, settings.log_format)
     return create_app(settings)
 
 

@@ -1,71 +1,124 @@
-"""Prometheus metrics, one registry per app so tests can build many apps in one process."""
+"""Prometheus metrics (`cat_breeds_api_*`), one registry per app so tests can build many apps.
+
+Under Gunicorn every worker is its own process: prometheus-client's multiprocess mode (the
+`PROMETHEUS_MULTIPROC_DIR` that `api.gunicorn_conf` sets before the workers start) writes each
+worker's values to files, and a scrape of any worker aggregates all of them. Without it a scrape
+would see one worker's share (N/2 requests for 2 workers).
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.requests import Request
 from starlette.responses import Response
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+PREFIX = "cat_breeds_api"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# Where a prediction's time goes: reading the upload, decode + preprocess, waiting for a batch, the forward pass.
+STAGES = ("read", "decode", "queue", "forward")
+
+
+def multiprocess_mode() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
         self.requests = Counter(
-            "cat_breeds_http_requests_total",
+            f"{PREFIX}_http_requests_total",
             "HTTP requests answered, by route template, method and status.",
             ["route", "method", "status"],
-            registry=self.registry,
+            registry=registry,
         )
         self.latency = Histogram(
-            "cat_breeds_http_request_duration_seconds",
+            f"{PREFIX}_http_request_duration_seconds",
             "Time to answer an HTTP request, by route template.",
             ["route"],
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
         self.in_flight = Gauge(
-            "cat_breeds_http_requests_in_flight",
+            f"{PREFIX}_http_requests_in_flight",
             "Requests being handled right now (for autoscaling).",
-            registry=self.registry,
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.images = Counter(
-            "cat_breeds_images_total",
+            f"{PREFIX}_images_total",
             "Images received, by outcome (ok or the error code).",
             ["outcome"],
-            registry=self.registry,
+            registry=registry,
+        )
+        self.stage = Histogram(
+            f"{PREFIX}_stage_duration_seconds",
+            "Per image: read (upload received), decode (decode + preprocess), queue (waiting for a batch), "
+            "forward (the forward pass of its batch).",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
         )
         self.inference = Histogram(
-            "cat_breeds_inference_duration_seconds",
+            f"{PREFIX}_inference_duration_seconds",
             "Forward pass time per batch.",
             buckets=_LATENCY_BUCKETS,
-            registry=self.registry,
+            registry=registry,
         )
         self.batch_size = Histogram(
-            "cat_breeds_inference_batch_size",
+            f"{PREFIX}_inference_batch_size",
             "Images per forward pass.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=self.registry,
+            registry=registry,
         )
         self.queue_depth = Gauge(
-            "cat_breeds_queue_depth",
+            f"{PREFIX}_queue_depth",
             "Images admitted and not yet answered (decoding, queued or in a forward pass).",
-            registry=self.registry,
+            registry=registry,
+            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
-            "cat_breeds_rejected_total",
+            f"{PREFIX}_rejected_total",
             "Requests refused or abandoned, by reason (overloaded, timeout).",
             ["reason"],
-            registry=self.registry,
+            registry=registry,
         )
-        self.ready = Gauge("cat_breeds_model_ready", "1 when the model is loaded and warm.", registry=self.registry)
+        self.ready = Gauge(
+            f"{PREFIX}_model_ready",
+            "1 when the model is loaded and warm (the least ready worker under Gunicorn).",
+            registry=registry,
+            multiprocess_mode="livemin",
+        )
         self.load_seconds = Gauge(
-            "cat_breeds_model_load_seconds", "Time the model took to load and warm up.", registry=self.registry
+            f"{PREFIX}_model_load_seconds",
+            "Time the model took to load and warm up (the slowest worker under Gunicorn).",
+            registry=registry,
+            multiprocess_mode="livemax",
         )
+        self.gpu_memory = Gauge(
+            f"{PREFIX}_gpu_memory_allocated_bytes",
+            "CUDA memory held by tensors after the latest forward pass (CUDA devices only).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        for stage in STAGES:  # exported from the start, so dashboards see zeros, not gaps
+            self.stage.labels(stage)
+
+    def exposition(self) -> Response:
+        """The scrape: every worker's figures under Gunicorn, this process's otherwise."""
+        if multiprocess_mode():
+            registry = CollectorRegistry()
+            prometheus_multiprocess.MultiProcessCollector(registry)
+        else:
+            registry = self.registry
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         """Count and time every request under its route template (bounded label values)."""

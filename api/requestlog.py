@@ -2,12 +2,12 @@
 
 `X-Request-ID` is honoured when the client sends a sane one (else generated) and echoed on every
 response, errors included, so a user's report can be matched to the log line. Each request is
-logged once as JSON (id, method, path, status, latency); health and metrics probes at DEBUG.
+logged once with structured fields (id, method, path, status, latency, batch size), which the JSON
+log format writes as one object per line; health and metrics probes at DEBUG.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
@@ -55,7 +55,7 @@ class RequestLogMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             path = scope.get("path", "")
-            record = {
+            fields = {
                 "event": "request",
                 "request_id": request_id,
                 "method": scope.get("method"),
@@ -64,5 +64,9 @@ class RequestLogMiddleware:
                 "latency_ms": round((time.perf_counter() - started) * 1000, 2),
                 "client": (scope.get("client") or ("", 0))[0],
             }
+            batch_size = scope["state"].get("batch_size")  # set by the predict routes
+            if batch_size is not None:
+                fields["batch_size"] = batch_size
             level = logging.DEBUG if path.startswith(_QUIET) else logging.INFO
-            logger.log(level, json.dumps(record))
+            message = f"{fields['method']} {path} {status} {fields['latency_ms']}ms id={request_id}"
+            logger.log(level, message, extra=fields)

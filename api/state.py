@@ -1,7 +1,9 @@
 """Readiness: what the service can honestly say about itself at any moment.
 
 `loading` until the model is loaded and warmed up, then `ready`; `failed` (with the reason) when
-the load failed; `stopping` once shutdown began. Liveness is separate: the process answers.
+the load failed; `draining` after SIGTERM (readiness says 503 so load balancers stop sending, while
+predictions are still served); `stopping` once shutdown began. Liveness is separate: the process
+answers.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from api.batching import Batcher
 from api.errors import ServiceUnavailable
 from api.model import Classifier
 
-Status = Literal["loading", "ready", "failed", "stopping"]
+Status = Literal["loading", "ready", "failed", "draining", "stopping"]
 
 
 @dataclass(frozen=True)
@@ -54,13 +56,19 @@ class ServiceState:
 
     def set_ready(self, serving: Serving) -> None:
         with self._lock:
-            if self.status == "loading":
+            if self.status in ("loading", "draining"):  # draining: still serve, still close it at the end
                 self.serving = serving
+            if self.status == "loading":
                 self.status, self.reason = "ready", None
 
     def set_failed(self, reason: str) -> None:
         with self._lock:
             self.status, self.reason = "failed", reason
+
+    def set_draining(self) -> None:
+        with self._lock:
+            if self.status in ("loading", "ready"):
+                self.status, self.reason = "draining", "shutting down: finishing in-flight requests"
 
     def set_stopping(self) -> None:
         with self._lock:
@@ -69,7 +77,7 @@ class ServiceState:
     def require_ready(self) -> Serving:
         """What serves predictions, or a 503 that says why nothing does."""
         serving = self.serving
-        if self.status != "ready" or serving is None:
+        if self.status not in ("ready", "draining") or serving is None:
             retry = 5 if self.status == "loading" else 30
             raise ServiceUnavailable(f"model not ready: {self.reason}", retry_after_s=retry)
         return serving

@@ -150,8 +150,8 @@ class Server:
             WEB_CONCURRENCY=str(workers), MALLOC_ARENA_MAX="2", **env,  # the arena cap: as image and make run
         )  # fmt: skip
         if workers > 1:
-            command = [str(BIN / "gunicorn"), "api.main:app", "--worker-class=uvicorn_worker.UvicornWorker",
-                       f"--bind=127.0.0.1:{self.port}", "--log-level=warning"]  # fmt: skip
+            environment["API_HOST"] = "127.0.0.1"
+            command = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
         else:
             command = [str(BIN / "cat-breeds-api"), "serve"]
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())

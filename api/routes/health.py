@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from api.deps import MetricsDep, StateDep
 from api.schemas import Health, Liveness
 
 router = APIRouter(tags=["health"])
 
-_NOT_READY = {503: {"model": Health, "description": "Loading, failed to load, or shutting down."}}
+_NOT_READY = {503: {"model": Health, "description": "Loading, failed to load, draining or shutting down."}}
 
 
 def _health(state: StateDep, response: Response) -> Health:
@@ -48,6 +47,7 @@ def live() -> Liveness:
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
 def metrics(metrics: MetricsDep, state: StateDep) -> Response:
-    """Prometheus text format: requests, latency, in-flight, inference time, batch size, readiness."""
+    """Prometheus text format (`cat_breeds_api_*`): requests and latency by route and status, stages,
+    inference time, batch size, queue depth, rejections, readiness, load time, GPU memory."""
     metrics.ready.set(1 if state.ready else 0)
-    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return metrics.exposition()

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import torch
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.batching import Prepared
+from api.batching import BatchRun, Prepared
 from api.config import Settings
 from api.deps import MetricsDep, SettingsDep, StateDep, require_api_key
 from api.errors import RequestError
@@ -44,7 +44,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": ErrorResponse, "description": "Upload over API_MAX_UPLOAD_MB or canvas over API_MAX_IMAGE_PIXELS."},
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
     422: {"model": ErrorResponse, "description": "No file in the request, or a bad query parameter."},
-    503: {"model": ErrorResponse, "description": "Model not ready (loading, failed, stopping); see Retry-After."},
+    503: {"model": ErrorResponse, "description": "Over capacity (API_MAX_QUEUE) or model not ready; see Retry-After."},
+    504: {"model": ErrorResponse, "description": "No answer within API_REQUEST_TIMEOUT_S (queueing included)."},
 }
 
 
@@ -101,6 +102,31 @@ def _record(metrics: Metrics, outcome: str, count: int = 1) -> None:
         metrics.rejected.labels(outcome).inc(count)
 
 
+def _observe(request: Request, metrics: Metrics, runs: list[BatchRun]) -> float:
+    """Queue and forward stages per image; the batch size for the access log. Returns the forward seconds."""
+    for run in runs:
+        metrics.stage.labels("queue").observe(run.queued_s)
+        metrics.stage.labels("forward").observe(run.forward_s)
+    request.state.batch_size = max((run.size for run in runs), default=0)
+    return max((run.forward_s for run in runs), default=0.0)
+
+
+async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files: int) -> list[Upload]:
+    started = time.perf_counter()
+    uploads = await read_uploads(request, max_bytes=max_bytes, max_files=max_files)
+    metrics.stage.labels("read").observe(time.perf_counter() - started)
+    return uploads
+
+
+async def _decode_timed(
+    serving: Serving, upload: Upload, settings: Settings, metrics: Metrics
+) -> tuple[DecodedImage, Prepared]:
+    started = time.perf_counter()
+    result = await _decode(serving, upload, settings)
+    metrics.stage.labels("decode").observe(time.perf_counter() - started)
+    return result
+
+
 def _timing(started: float, prepared: float, inference_s: float) -> Timing:
     return Timing(
         decode_ms=round((prepared - started) * 1000, 3),
@@ -129,14 +155,15 @@ async def predict(
     try:
         # Admission first: over capacity is answered (503) before the body is even read.
         with serving.batcher.admit(1) as ticket:
-            uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=1)
-            decoded, tensor = await _decode(serving, uploads[0], settings)
+            uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=1)
+            decoded, tensor = await _decode_timed(serving, uploads[0], settings, metrics)
             prepared = time.perf_counter()
-            scores, seconds = await serving.batcher.predict(ticket, [tensor], deadline=deadline)
+            scores, runs = await serving.batcher.predict(ticket, [tensor], deadline=deadline)
     except RequestError as error:
         _record(metrics, error.code)
         raise
     _record(metrics, "ok")
+    seconds = _observe(request, metrics, runs)
     result = _prediction(classifier, decoded, scores[0], top_k or settings.top_k)
     return PredictResponse(
         predictions=result.predictions,
@@ -162,12 +189,12 @@ async def predict_batch(
     deadline = time.monotonic() + settings.request_timeout_s  # counted from arrival, queueing included
     serving = state.require_ready()
     classifier = serving.classifier
-    uploads = await read_uploads(request, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
+    uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
     items = [BatchItem(filename=u.filename, ok=False) for u in uploads]
 
     async def prepare(upload: Upload) -> tuple[DecodedImage, Prepared] | RequestError:
         try:
-            return await _decode(serving, upload, settings)
+            return await _decode_timed(serving, upload, settings, metrics)
         except RequestError as error:
             return error
 
@@ -185,9 +212,10 @@ async def predict_batch(
             prepared = time.perf_counter()
             seconds = 0.0
             if ready:
-                scores, seconds = await serving.batcher.predict(
+                scores, runs = await serving.batcher.predict(
                     ticket, [tensor for _, _, tensor in ready], deadline=deadline
                 )
+                seconds = _observe(request, metrics, runs)
     except RequestError as error:
         _record(metrics, error.code, len(uploads))
         raise

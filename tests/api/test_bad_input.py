@@ -7,6 +7,7 @@ import json
 import socket
 import struct
 import zlib
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,14 +21,28 @@ PREDICT = "/api/v1/predict"
 def _png_bomb() -> bytes:
     """A real decompression bomb: ~30 KB of zlib that inflates to a 20000x20000 canvas."""
 
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
     width = height = 20_000
     row = b"\x00" + b"\x00" * width  # filter byte + one grey byte per pixel
     idat = zlib.compress(row * height, 9)
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A well-formed PNG whose header declares a canvas far larger than the few bytes of pixels it carries."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\x00" * 64)
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
+
+
+def _exif_rotated(photo: bytes) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    return jpeg_bytes(Image.open(io.BytesIO(photo)), exif=exif.tobytes())
 
 
 def _image(fmt: str, image: Image.Image, **options: object) -> bytes:
@@ -42,6 +57,7 @@ def _cases(photo: bytes) -> list[tuple[str, dict[str, object], int, str]]:
     def upload(data: bytes, name: str = "x.jpg", ctype: str = "application/octet-stream") -> dict[str, object]:
         return {"files": {"file": (name, data, ctype)}}
 
+    png = png_bytes(Image.open(io.BytesIO(photo)))
     flipped = bytearray(photo)
     for position in range(600, len(flipped), 97):
         flipped[position] ^= 0xFF
@@ -76,6 +92,22 @@ def _cases(photo: bytes) -> list[tuple[str, dict[str, object], int, str]]:
         ("progressive jpeg", upload(_image("JPEG", noise_image(64, 48), progressive=True)), 200, "ok"),
         ("animated gif", upload(_image("GIF", noise_image(32, 32), save_all=True, append_images=[noise_image(32, 32, seed=1)])), 200, "ok"),
         ("webp", upload(_image("WEBP", noise_image(48, 48)), "a.webp"), 200, "ok"),
+        *[(f"jpeg cut at {cut}%", upload(photo[: len(photo) * cut // 100]), 400, "invalid_image") for cut in (5, 30, 70, 95)],
+        *[(f"png cut at {cut}%", upload(png[: len(png) * cut // 100], "a.png"), 400, "invalid_image") for cut in (10, 50, 90)],
+        ("png declaring 100000x100000", upload(_png_declaring(100_000, 100_000), "huge.png"), 413, "image_too_large"),
+        ("16-bit png", upload(png_bytes(Image.new("I;16", (40, 30), 40000)), "deep.png"), 200, "ok"),
+        ("1-bit png", upload(png_bytes(noise_image(40, 30).convert("1")), "bw.png"), 200, "ok"),
+        ("palette png", upload(png_bytes(noise_image(40, 30).convert("P")), "pal.png"), 200, "ok"),
+        ("grey + alpha png", upload(png_bytes(noise_image(40, 30, "RGBA").convert("LA")), "la.png"), 200, "ok"),
+        ("float tiff", upload(_image("TIFF", Image.new("F", (40, 30), 0.5)), "f.tif"), 200, "ok"),
+        ("greyscale jpeg", upload(jpeg_bytes(noise_image(40, 30).convert("L"))), 200, "ok"),
+        ("bmp", upload(_image("BMP", noise_image(40, 30)), "a.bmp"), 200, "ok"),
+        ("exif-rotated jpeg", upload(_exif_rotated(photo)), 200, "ok"),
+        ("5000-character filename", upload(photo, "c" * 4996 + ".jpg"), 400, "invalid_multipart"),
+        ("raw body, no content-type", {"content": photo}, 200, "ok"),
+        ("raw body, content-type text/plain", {"content": photo, "headers": {"content-type": "text/plain"}}, 200, "ok"),
+        ("json list", {"json": ["not", "an", "object"]}, 422, "missing_file"),
+        ("json image not a string", {"json": {"image": 42}}, 422, "missing_file"),
     ]  # fmt: skip
 
 
@@ -84,20 +116,33 @@ def photo(chelsea: Image.Image) -> bytes:
     return jpeg_bytes(chelsea)
 
 
+def _rss_mb() -> float:
+    status = Path("/proc/self/status").read_text()
+    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+
+
 def test_bad_uploads_get_clear_4xx_and_valid_ones_200(tiny_server: str, photo: bytes) -> None:
+    cases = _cases(photo)
+    assert len(cases) >= 40
     failures = []
+    rss = []
     with httpx.Client(base_url=tiny_server, timeout=30) as client:
-        for name, kwargs, status, code in _cases(photo):
-            response = client.post(PREDICT, **kwargs)  # type: ignore[arg-type]
-            body = response.json()
-            got_code = "ok" if response.status_code == 200 else body.get("error", {}).get("code")
-            if (response.status_code, got_code) != (status, code):
-                failures.append(f"{name}: wanted {status} {code}, got {response.status_code} {body}")
-            if response.status_code >= 400:
-                assert set(body["error"]) == {"code", "message"} and body["error"]["message"], name
-                assert "Traceback" not in response.text, name
+        for _ in range(4):  # the same corpus four times: answers and memory must not drift
+            for name, kwargs, status, code in cases:
+                response = client.post(PREDICT, **kwargs)  # type: ignore[arg-type]
+                body = response.json()
+                got_code = "ok" if response.status_code == 200 else body.get("error", {}).get("code")
+                if (response.status_code, got_code) != (status, code):
+                    failures.append(f"{name}: wanted {status} {code}, got {response.status_code} {body}")
+                if response.status_code >= 400:
+                    assert set(body["error"]) == {"code", "message"} and body["error"]["message"], name
+                    assert "Traceback" not in response.text and "/tmp/" not in response.text, name
+            rss.append(_rss_mb())
         assert client.get("/health").status_code == 200, "the service must stay ready"
     assert not failures, "\n".join(failures)
+    # this process holds the server and the client. The first passes grow the allocator's pools
+    # (decode threads' arenas); after that, flat. The bomb alone would be 400 MB if ever decoded.
+    assert rss[-1] - rss[1] <= 30, f"RSS after each pass: {rss}"
 
 
 def test_get_on_predict_is_405_json(tiny_server: str) -> None:

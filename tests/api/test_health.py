@@ -31,7 +31,7 @@ def test_failed_load_is_never_reported_healthy(tmp_path: Path, chelsea_jpeg: byt
         assert predict.status_code == 503 and predict.headers["retry-after"]
         assert predict.json()["error"]["code"] == "not_ready"
         assert httpx.get(url + "/api/v1/model").status_code == 503
-        assert "cat_breeds_model_ready 0.0" in httpx.get(url + "/metrics").text
+        assert "cat_breeds_api_model_ready 0.0" in httpx.get(url + "/metrics").text
 
 
 def test_no_checkpoint_configured_says_how_to_fix() -> None:

@@ -14,6 +14,7 @@ import httpx
 import pytest
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.model import load_classifier
 from tests.helpers import IMAGENET_CATS, jpeg_bytes
@@ -136,10 +137,18 @@ def test_health_answers_promptly_while_predictions_run(tiny_server: str, chelsea
 def test_metrics_count_requests_and_images(tiny_server: str, chelsea_jpeg: bytes) -> None:
     httpx.post(tiny_server + PREDICT, files={"file": chelsea_jpeg})
     text = httpx.get(tiny_server + "/metrics").text
-    assert 'cat_breeds_http_requests_total{method="POST",route="/api/v1/predict",status="200"}' in text
-    assert 'cat_breeds_images_total{outcome="ok"}' in text
-    assert "cat_breeds_model_ready 1.0" in text
-    assert "cat_breeds_inference_duration_seconds_count" in text
+    assert 'cat_breeds_api_http_requests_total{method="POST",route="/api/v1/predict",status="200"}' in text
+    assert 'cat_breeds_api_images_total{outcome="ok"}' in text
+    assert "cat_breeds_api_model_ready 1.0" in text
+    assert "cat_breeds_api_inference_duration_seconds_count" in text
+    # where the time went, per stage: every stage saw this image
+    stages = {
+        sample.labels["stage"]: sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "cat_breeds_api_stage_duration_seconds_count"
+    }
+    assert set(stages) == {"read", "decode", "queue", "forward"} and min(stages.values()) >= 1, stages
 
 
 def test_openapi_documents_every_route_and_body(tiny_server: str) -> None:

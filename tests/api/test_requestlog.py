@@ -8,11 +8,12 @@ import logging
 import httpx
 import pytest
 
+from api.logs import JsonFormatter
 from tests.helpers import eventually
 
 
 def _access_lines(caplog: pytest.LogCaptureFixture) -> list[dict]:
-    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "api.access"]
+    return [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.name == "api.access"]
 
 
 def test_request_id_is_honoured_generated_and_logged(
@@ -33,5 +34,7 @@ def test_request_id_is_honoured_generated_and_logged(
     lines = {line["request_id"]: line for line in _access_lines(caplog)}
     assert lines["req-42"]["status"] == 200 and lines["req-42"]["path"] == "/api/v1/predict"
     assert lines["req-42"]["method"] == "POST" and lines["req-42"]["latency_ms"] > 0
+    assert lines["req-42"]["batch_size"] == 1 and lines["req-42"]["level"] == "INFO"
+    assert lines["req-42"]["logger"] == "api.access" and "req-42" in lines["req-42"]["message"]
     assert lines["bad-1"]["status"] == 415
     assert lines[generated.headers["x-request-id"]]["path"] == "/health"

@@ -32,11 +32,11 @@ def test_concurrent_requests_are_batched_and_answer_as_alone(tiny_checkpoint: Pa
     for response, expected in zip(together, alone, strict=True):
         got = response.json()["predictions"]
         assert [p["index"] for p in got] == [p["index"] for p in expected]
-    passes = _metric(after, "cat_breeds_inference_batch_size_count") - _metric(
-        before, "cat_breeds_inference_batch_size_count"
+    passes = _metric(after, "cat_breeds_api_inference_batch_size_count") - _metric(
+        before, "cat_breeds_api_inference_batch_size_count"
     )
-    images = _metric(after, "cat_breeds_inference_batch_size_sum") - _metric(
-        before, "cat_breeds_inference_batch_size_sum"
+    images = _metric(after, "cat_breeds_api_inference_batch_size_sum") - _metric(
+        before, "cat_breeds_api_inference_batch_size_sum"
     )
     assert images == len(photos)
     assert passes < len(photos), f"{len(photos)} concurrent requests took {passes} forward passes"
@@ -54,5 +54,5 @@ def test_over_capacity_is_503_with_retry_after_and_nothing_else(tiny_checkpoint:
         assert all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] for r in refused)
         assert httpx.get(url + "/health").status_code == 200
         metrics = httpx.get(url + "/metrics").text
-        assert _metric(metrics, 'cat_breeds_rejected_total{reason="overloaded"}') == len(refused)
-        assert _metric(metrics, "cat_breeds_queue_depth") == 0
+        assert _metric(metrics, 'cat_breeds_api_rejected_total{reason="overloaded"}') == len(refused)
+        assert _metric(metrics, "cat_breeds_api_queue_depth") == 0

@@ -130,7 +130,7 @@ def test_6_stop_drains_requests_in_flight(stack: Stack, chelsea: Image.Image) ->
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # stop only once requests are really in flight
             metrics = stack.get("/metrics").text
-            line = next(x for x in metrics.splitlines() if x.startswith("cat_breeds_http_requests_in_flight "))
+            line = next(x for x in metrics.splitlines() if x.startswith("cat_breeds_api_http_requests_in_flight "))
             if float(line.split()[1]) >= 3:  # the /metrics request itself counts as one
                 break
             time.sleep(0.05)

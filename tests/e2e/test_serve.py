@@ -5,11 +5,8 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,28 +14,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers import IMAGENET_CATS, wait_for
-
-BIN = Path(sys.executable).parent
-CLI = str(BIN / "cat-breeds-api")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env(**values: object) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("API_") and k != "LOG_LEVEL"}
-    env.update({k: str(v) for k, v in values.items()})
-    return env
-
-
-def _start(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    """Start a server whose output goes to cwd/server.log (a pipe nobody reads would fill and stall it)."""
-    with (cwd / "server.log").open("w") as log:
-        return subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
+from tests.helpers import BIN, CLI, IMAGENET_CATS, wait_for
+from tests.helpers import free_port as _free_port
+from tests.helpers import process_env as _env
+from tests.helpers import start_process as _start
 
 
 @pytest.fixture(scope="module")
@@ -110,15 +89,18 @@ def test_cli_predict_csv_and_failures(demo_dir: Path, tmp_path: Path, chelsea_jp
     assert [r["error"] for r in rows if r["path"].endswith("broken.jpg")] == ["invalid_image"]
 
 
+SECRET = "k3y-that-must-never-be-logged"
+
+
 def test_uvicorn_import_string_serves_from_environment(demo_dir: Path, tmp_path: Path, chelsea_jpeg: bytes) -> None:
     """`uvicorn api.main:app` (what the Compose files run) reads API_* and serves."""
     port = _free_port()
-    env = _env(API_CHECKPOINT_PATH=demo_dir, API_TOP_K=2, LOG_LEVEL="debug")
+    env = _env(API_CHECKPOINT_PATH=demo_dir, API_TOP_K=2, LOG_LEVEL="debug", API_API_KEY=SECRET)
     process = _start([str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", str(port)], env, tmp_path)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for(url, "/health/ready", timeout_s=120)
-        body = httpx.post(url + "/api/v1/predict", files={"file": chelsea_jpeg}).json()
+        body = httpx.post(url + "/api/v1/predict", files={"file": chelsea_jpeg}, headers={"X-API-Key": SECRET}).json()
         assert len(body["predictions"]) == 2
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -130,8 +112,16 @@ def test_uvicorn_import_string_serves_from_environment(demo_dir: Path, tmp_path:
             process.kill()
         process.wait(timeout=30)
     output = (tmp_path / "server.log").read_text()
-    assert "model ready: tf_efficientnet_lite0" in output
-    assert "Application shutdown complete" in output
+    # JSON lines (uvicorn's own included): one start-up summary of the resolved configuration
+    records = [json.loads(line) for line in output.splitlines() if line.strip()]
+    ready = [r for r in records if r.get("event") == "ready"]
+    assert len(ready) == 1 and ready[0]["message"].startswith("model ready: tf_efficientnet_lite0")
+    assert ready[0]["classes"] == 1000 and ready[0]["device"] == "cpu" and ready[0]["dtype"] == "fp32"
+    assert ready[0]["max_queue"] > 0 and ready[0]["api_key"] == "set"
+    assert SECRET not in output  # the key itself is never logged
+    assert any(r["message"] == "Application shutdown complete." for r in records)
+    access = [r for r in records if r.get("event") == "request" and r["path"] == "/api/v1/predict"]
+    assert access[0]["status"] == 200 and access[0]["batch_size"] == 1
 
 
 @pytest.mark.parametrize("launcher", ["cli", "uvicorn"])
@@ -147,13 +137,32 @@ def test_bad_setting_stops_startup_with_one_line(launcher: str, tmp_path: Path) 
     assert "Traceback" not in result.stderr
 
 
-def test_missing_checkpoint_exits_nonzero_naming_the_path(tmp_path: Path) -> None:
-    missing = tmp_path / "outputs" / "checkpoints" / "fold_0" / "best_model.pt"
-    env = _env(API_CHECKPOINT_PATH=missing, API_PORT=_free_port())
+@pytest.mark.parametrize("fault", ["missing", "truncated", "wrong architecture", "wrong class count"])
+def test_bad_checkpoint_exits_nonzero_with_one_clear_line(fault: str, tiny_checkpoint: Path, tmp_path: Path) -> None:
+    path = tmp_path / "outputs" / "checkpoints" / "fold_0" / "best_model.pt"
+    settings: dict[str, object] = {"API_MODEL_NAME": "test_resnet"}
+    if fault != "missing":
+        path.parent.mkdir(parents=True)
+        data = tiny_checkpoint.read_bytes()
+        path.write_bytes(data[: len(data) // 2] if fault == "truncated" else data)
+    if fault == "wrong architecture":
+        settings["API_MODEL_NAME"] = "resnet50"
+    if fault == "wrong class count":
+        settings["API_NUM_CLASSES"] = 67
+    env = _env(API_CHECKPOINT_PATH=path, API_PORT=_free_port(), **settings)
     result = subprocess.run([CLI, "serve"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 3
-    errors = [line for line in result.stderr.splitlines() if "model load failed" in line]
-    assert len(errors) == 1 and str(missing) in errors[0] and "/app/models" in errors[0]
+    output = result.stdout + result.stderr
+    errors = [json.loads(line)["message"] for line in output.splitlines() if "model load failed" in line]
+    assert len(errors) == 1 and str(path) in errors[0], output[-2000:]
+    expected = {
+        "missing": "/app/models",  # where the checkpoint must be mounted in the container
+        "truncated": "API_CHECKPOINT_PATH",
+        "wrong architecture": "set API_MODEL_NAME",
+        "wrong class count": "67",
+    }[fault]
+    assert expected in errors[0], errors[0]
+    assert "Traceback" not in output
 
 
 def test_demo_model_command_is_idempotent(tmp_path: Path) -> None:

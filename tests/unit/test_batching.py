@@ -44,6 +44,8 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
         results = await asyncio.gather(*(batcher.predict(t, [img]) for t, img in zip(entered, images, strict=True)))
         for ticket in tickets:
             ticket.__exit__(None, None, None)
+        assert [runs[0].size for _, runs in results] == [8] * 8  # each caller learns its batch's size
+        assert all(runs[0].queued_s >= 0 and runs[0].forward_s > 0 for _, runs in results)
         return [scores[0] for scores, _ in results]
 
     try:

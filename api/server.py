@@ -1,0 +1,85 @@
+"""The server processes: `cat-breeds-api serve` (uvicorn) and Gunicorn's workers drain on SIGTERM.
+
+The first SIGTERM (or Ctrl-C) turns readiness to 503 at once, so a load balancer or Kubernetes
+stops sending new work, while predictions are still answered for `API_SHUTDOWN_DELAY_S`; then
+uvicorn's graceful shutdown stops accepting connections, finishes the requests in flight (up to
+`API_GRACEFUL_TIMEOUT_S`) and exits. A second signal skips the delay.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType
+from typing import Any, ClassVar
+
+import uvicorn
+from fastapi import FastAPI
+from gunicorn.arbiter import Arbiter
+from uvicorn_worker import UvicornWorker
+
+logger = logging.getLogger(__name__)
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, *, delay_s: float, on_drain: Callable[[], None]):
+        super().__init__(config)
+        self.delay_s = delay_s
+        self.on_drain = on_drain
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._draining:  # asked again: no more waiting
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self.on_drain()
+        if self.delay_s <= 0:
+            super().handle_exit(sig, frame)
+            return
+        logger.info("signal %d: not ready; serving %.1fs more before draining", sig, self.delay_s)
+        timer = threading.Timer(self.delay_s, super().handle_exit, (sig, frame))
+        timer.daemon = True
+        timer.start()
+
+
+def begin_drain(app: FastAPI) -> None:
+    app.state.service.set_draining()
+    app.state.metrics.ready.set(0)
+
+
+def serve(app: FastAPI, **config: Any) -> None:
+    """uvicorn.run for an app object, with draining (what `cat-breeds-api serve` runs)."""
+    settings = app.state.settings
+    server = DrainingServer(
+        uvicorn.Config(app, timeout_graceful_shutdown=settings.graceful_timeout_s, **config),
+        delay_s=settings.shutdown_delay_s,
+        on_drain=lambda: begin_drain(app),
+    )
+    server.run()
+    if not server.started:
+        sys.exit(3)  # as uvicorn.run: the server never started (port taken, failed lifespan)
+
+
+class Worker(UvicornWorker):
+    """Gunicorn's Uvicorn worker, draining like `serve` (api.gunicorn_conf selects it)."""
+
+    CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
+        "loop": "auto",
+        "http": "auto",
+        "server_header": False,  # no software/version banner in responses
+        "access_log": False,  # api.access writes one structured line per request
+    }
+
+    async def _serve(self) -> None:
+        app: FastAPI = self.wsgi
+        settings = app.state.settings
+        self.config.app = app
+        self.config.timeout_graceful_shutdown = settings.graceful_timeout_s
+        server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=lambda: begin_drain(app))
+        self._install_sigquit_handler()
+        await server.serve(sockets=self.sockets)
+        if not server.started:
+            sys.exit(Arbiter.WORKER_BOOT_ERROR)
