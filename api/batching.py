@@ -25,9 +25,11 @@ import numpy as np
 import torch
 
 from api.errors import GatewayTimeout, Overloaded
+from api.memory import release_free_memory
 from api.model import Classifier
 
 BatchObserver = Callable[[int, float], None]
+IDLE_TRIM_S = 1.0
 DepthObserver = Callable[[int], None]
 
 
@@ -202,8 +204,15 @@ class Batcher:
         return batch
 
     def _loop(self, classifier: Classifier) -> None:
+        busy = False  # batches ran since memory was last handed back
         while True:
-            first = self._queue.get()
+            try:
+                first = self._queue.get(timeout=IDLE_TRIM_S if busy else None)
+            except queue.Empty:  # a quiet second after work: give freed memory back to the OS
+                release_free_memory()
+                busy = False
+                continue
+            busy = True
             if first is None:
                 return
             batch = [item for item in self._collect(first) if not item.abandoned]

@@ -92,6 +92,7 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, prediction and model routes need it (X-API-Key or Authorization: Bearer)."
     )
+    web_ui: bool = Field(True, description="Serve the try-it page at / (false for headless deployments).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
     )

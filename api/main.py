@@ -33,6 +33,7 @@ from api.model import Classifier, load_classifier
 from api.requestlog import RequestLogMiddleware
 from api.resources import cpu_budget
 from api.routes import health, model, predict
+from api.routes.web import add_web_ui
 from api.state import ServiceState, Serving
 
 logger = logging.getLogger(__name__)
@@ -209,6 +210,8 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(model.router)
+    if settings.web_ui:
+        add_web_ui(app)
     return app
 
 

@@ -1,0 +1,168 @@
+"""The try-it page in a real browser: Debian's Chromium, driven by Playwright, against a real server
+on 127.0.0.1 serving the demo model (real ImageNet weights). Screenshots go to artifacts/screenshots.
+
+Never `playwright install` (it downloads a browser): `.ci/run` installs Debian's chromium. Without
+it these tests skip, unless REQUIRE_BROWSER=1 (CI), where a missing browser is a failure.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
+
+from tests.helpers import IMAGENET_CATS, make_settings, running_server
+
+CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+SHOTS = Path(__file__).resolve().parents[2] / "artifacts" / "screenshots"
+DESKTOP = {"width": 1280, "height": 900}
+PHONE = {"width": 390, "height": 844}
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory: pytest.TempPathFactory) -> Iterator[BrowserContext]:
+    if shutil.which(CHROMIUM) is None:
+        if os.environ.get("REQUIRE_BROWSER") == "1":
+            pytest.fail(f"browser tests required (REQUIRE_BROWSER=1) but {CHROMIUM} is missing")
+        pytest.skip(f"{CHROMIUM} not installed (apt-get install chromium); CI installs it")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path_factory.mktemp("chromium-profile")),
+            executable_path=CHROMIUM,
+            headless=True,
+            args=FLAGS,
+            viewport=DESKTOP,
+        )
+        yield context
+        context.close()
+
+
+@pytest.fixture
+def page(context: BrowserContext) -> Iterator[Page]:
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda error: problems.append(str(error)))
+    yield page
+    page.close()
+    assert not problems, f"uncaught errors in the page: {problems}"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory, chelsea_jpeg: bytes, coffee_jpeg: bytes) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("photos")
+    files = {"chelsea.jpg": chelsea_jpeg, "coffee.jpg": coffee_jpeg, "notes.txt": b"shopping list: cat food\n"}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}
+
+
+def _open(page: Page, url: str) -> None:
+    page.goto(url + "/")
+    expect(page.locator("#model-info")).to_contain_text("tf_efficientnet_lite0 · 1000 classes · running on cpu")
+
+
+def test_chelsea_is_a_cat_and_the_bar_matches_the_score(page: Page, demo_server: str, photos: dict[str, Path]) -> None:
+    _open(page, demo_server)
+    page.set_input_files("#file-input", photos["chelsea.jpg"])
+    card = page.locator(".card").first
+    expect(card.locator(".labels li")).to_have_count(5)
+    top = card.locator(".labels li").first
+    assert int(top.get_attribute("data-index") or -1) in IMAGENET_CATS
+    expect(top.locator(".label-name")).to_contain_text("cat")
+    score = float(top.get_attribute("data-score") or "nan")
+    expect(top.locator(".label-score")).to_have_text(f"{score * 100:.1f}%")  # the JSON's score, shown as is
+    bar = top.locator(".bar").bounding_box()
+    fill = top.locator(".bar span").bounding_box()
+    assert bar and fill and abs(fill["width"] / bar["width"] - score) < 0.01
+    expect(card.locator(".meta")).to_contain_text("ms on the server")
+    expect(card.locator(".preview")).to_be_visible()
+    page.screenshot(path=SHOTS / "desktop.png", full_page=True)
+
+
+def test_two_photos_make_two_cards(page: Page, demo_server: str, photos: dict[str, Path]) -> None:
+    _open(page, demo_server)
+    page.set_input_files("#file-input", [photos["chelsea.jpg"], photos["coffee.jpg"]])
+    expect(page.locator(".card")).to_have_count(2)
+    for card in page.locator(".card").all():
+        expect(card.locator(".labels li")).to_have_count(5)
+    names = sorted(page.locator(".card .filename").all_inner_texts())
+    assert names == ["chelsea.jpg", "coffee.jpg"]
+
+
+def test_a_text_file_gets_plain_words_and_the_page_keeps_working(
+    page: Page, demo_server: str, photos: dict[str, Path]
+) -> None:
+    _open(page, demo_server)
+    page.set_input_files("#file-input", photos["notes.txt"])
+    failed = page.locator(".card.failed")
+    expect(failed.locator(".status")).to_have_text(
+        "This file is not an image the model can read. Try a JPEG or PNG photo."
+    )
+    expect(failed.locator(".status")).to_have_attribute("role", "alert")
+    page.set_input_files("#file-input", photos["chelsea.jpg"])
+    expect(page.locator(".card")).to_have_count(2)
+    expect(page.locator(".card:not(.failed) .labels li")).to_have_count(5)
+
+
+def test_keyboard_only_opens_the_picker_and_reaches_the_result(
+    page: Page, demo_server: str, photos: dict[str, Path]
+) -> None:
+    _open(page, demo_server)
+    for _ in range(10):  # Tab from the top of the page to the picker button
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "pick":
+            break
+    assert page.evaluate("document.activeElement.id") == "pick"
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(photos["chelsea.jpg"])
+    expect(page.locator(".card .labels li")).to_have_count(5)
+    for _ in range(10):  # on to the result card
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.classList.contains('card')"):
+            break
+    focused = page.evaluate("document.activeElement.getAttribute('aria-label')")
+    assert focused == "Result for chelsea.jpg"
+
+
+def test_phone_width_fits_and_is_screenshotted(context: BrowserContext, demo_server: str, photos: dict[str, Path]) -> None:
+    page = context.new_page()
+    try:
+        page.set_viewport_size(PHONE)
+        _open(page, demo_server)
+        page.set_input_files("#file-input", photos["chelsea.jpg"])
+        expect(page.locator(".card .labels li")).to_have_count(5)
+        assert page.evaluate("document.documentElement.scrollWidth") <= PHONE["width"]  # no sideways scrolling
+        page.screenshot(path=SHOTS / "phone.png", full_page=True)
+    finally:
+        page.close()
+
+
+def test_api_key_is_asked_once_and_kept_for_the_tab(
+    page: Page, tiny_checkpoint: Path, photos: dict[str, Path]
+) -> None:
+    settings = make_settings(checkpoint_path=tiny_checkpoint, model_name="test_resnet", api_key="tab-only-key")
+    with running_server(settings) as url:
+        page.goto(url + "/")
+        expect(page.locator("#key-panel")).to_be_visible()
+        page.fill("#api-key", "tab-only-key")
+        page.keyboard.press("Enter")
+        expect(page.locator("#model-info")).to_contain_text("test_resnet · 5 classes")
+        expect(page.locator("#key-panel")).to_be_hidden()
+        page.set_input_files("#file-input", photos["chelsea.jpg"])
+        expect(page.locator(".card .labels li")).to_have_count(5)
+        assert page.evaluate("sessionStorage.getItem('cat-breeds-api-key')") == "tab-only-key"
+        assert page.evaluate("localStorage.length") == 0  # never beyond this tab
