@@ -138,7 +138,9 @@ def test_keyboard_only_opens_the_picker_and_reaches_the_result(
     assert focused == "Result for chelsea.jpg"
 
 
-def test_phone_width_fits_and_is_screenshotted(context: BrowserContext, demo_server: str, photos: dict[str, Path]) -> None:
+def test_phone_width_fits_and_is_screenshotted(
+    context: BrowserContext, demo_server: str, photos: dict[str, Path]
+) -> None:
     page = context.new_page()
     try:
         page.set_viewport_size(PHONE)
@@ -151,9 +153,7 @@ def test_phone_width_fits_and_is_screenshotted(context: BrowserContext, demo_ser
         page.close()
 
 
-def test_api_key_is_asked_once_and_kept_for_the_tab(
-    page: Page, tiny_checkpoint: Path, photos: dict[str, Path]
-) -> None:
+def test_api_key_is_asked_once_and_kept_for_the_tab(page: Page, tiny_checkpoint: Path, photos: dict[str, Path]) -> None:
     settings = make_settings(checkpoint_path=tiny_checkpoint, model_name="test_resnet", api_key="tab-only-key")
     with running_server(settings) as url:
         page.goto(url + "/")
