@@ -4,6 +4,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# checkov (Kubernetes manifest scanner) pins packages torch and schemathesis need newer: its own venv.
+CHECKOV_VENV := .venv-checkov
+CHECKOV := $(CHECKOV_VENV)/bin/checkov
+CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 
 .PHONY: install run test lint format bench demo-model doctor wheelhouse docker-build docker-up docker-down clean
@@ -65,8 +69,12 @@ format: $(STAMP)
 	$(BIN)/ruff format api tests bench scripts
 	$(BIN)/ruff check --fix api tests bench scripts
 
-test: lint
-	$(BIN)/python -m pytest
+$(CHECKOV):
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install --quiet "checkov==$(CHECKOV_VERSION)"
+
+test: lint $(CHECKOV)
+	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -204,6 +204,46 @@ def cmd_doctor(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# --- load (rollout check) --------------------------------------------------------------------------
+
+
+def cmd_load(args: argparse.Namespace) -> None:
+    """Steady predictions for a while, counted by answer: during a rollout, anything but 200 is a bug."""
+    import threading
+    import time
+    from collections import Counter
+
+    import httpx
+
+    data = args.image.read_bytes()
+    key = os.environ.get("API_API_KEY")
+    headers = {"X-API-Key": key} if key else {}
+    counts: Counter[str] = Counter()
+    lock = threading.Lock()
+    deadline = time.monotonic() + args.seconds
+
+    def client() -> None:
+        with httpx.Client(base_url=args.url, timeout=args.timeout, headers=headers) as session:
+            while time.monotonic() < deadline:
+                try:
+                    outcome = str(session.post("/api/v1/predict", files={"file": (args.image.name, data)}).status_code)
+                except httpx.HTTPError as error:
+                    outcome = type(error).__name__
+                with lock:
+                    counts[outcome] += 1
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    total = sum(counts.values())
+    summary = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
+    sys.stdout.write(f"{total} requests in {args.seconds:g}s ({summary})\n")
+    if total == 0 or set(counts) != {"200"}:
+        raise SystemExit(1)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cat-breeds-api", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -228,6 +268,14 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--project", type=Path, default=Path.cwd(), help="folder with the compose files and .env")
     doctor.add_argument("--env-file", type=Path, help="settings file (default <project>/.env)")
     doctor.set_defaults(func=cmd_doctor)
+
+    load = commands.add_parser("load", help="steady predictions for a while; exit 1 on any non-200 (rollout check)")
+    load.add_argument("image", type=Path, help="the image every request sends")
+    load.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    load.add_argument("--seconds", type=float, default=120.0, help="how long (default 120)")
+    load.add_argument("--concurrency", type=int, default=4, help="clients at once (default 4)")
+    load.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
+    load.set_defaults(func=cmd_load)
 
     demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")
     demo.add_argument("--output", type=Path, default=Path("models/demo"), help="folder to write (models/demo)")

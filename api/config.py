@@ -12,7 +12,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from api.errors import ConfigError
@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         None, description="When set, prediction and model routes need it (X-API-Key or Authorization: Bearer)."
     )
+    api_key_file: Path | None = Field(
+        None, description="Read the API key from this file (a mounted Kubernetes/Docker secret) instead."
+    )
     web_ui: bool = Field(True, description="Serve the try-it page at / (false for headless deployments).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
@@ -149,6 +152,7 @@ class Settings(BaseSettings):
         "log_dir",
         "num_threads",
         "api_key",
+        "api_key_file",
         mode="before",
     )
     @classmethod
@@ -156,6 +160,25 @@ class Settings(BaseSettings):
         # `API_CHECKPOINT_PATH=` means "not set" (not "the current directory"), and lets the
         # environment unset what a .env file sets.
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_key_file")
+    @classmethod
+    def _readable_key_file(cls, value: Path | None) -> Path | None:
+        if value is not None:
+            try:
+                if not value.read_text().strip():
+                    raise ValueError("the file is empty; put the key in it")
+            except OSError as error:
+                raise ValueError(f"cannot read it ({error.strerror}); mount the secret there") from None
+        return value
+
+    @model_validator(mode="after")
+    def _key_from_file(self) -> Settings:
+        if self.api_key_file is not None:
+            if self.api_key is not None:
+                raise ValueError("API_API_KEY and API_API_KEY_FILE are both set; keep one")
+            self.api_key = SecretStr(self.api_key_file.read_text().strip())
+        return self
 
     @property
     def max_upload_bytes(self) -> int:
@@ -174,8 +197,22 @@ def describe_validation_error(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False):
         message = str(item["msg"]).removeprefix("Value error, ")
+        if not item["loc"]:  # a rule about several settings: the message names them
+            parts.append(message)
+            continue
         parts.append(f"{_env_name(item['loc'])}={item.get('input')!r} is invalid: {message}")
     return "; ".join(parts)
+
+
+def environment_names() -> frozenset[str]:
+    """Every environment variable the settings read: API_<FIELD>, or a field's own aliases."""
+    names: set[str] = set()
+    for name, field in Settings.model_fields.items():
+        if isinstance(field.validation_alias, AliasChoices):
+            names.update(choice for choice in field.validation_alias.choices if isinstance(choice, str))
+        else:
+            names.add(f"API_{name.upper()}")
+    return frozenset(names)
 
 
 def load_settings(**overrides: Any) -> Settings:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import signal
 import subprocess
 import time
@@ -50,6 +51,25 @@ def test_serve_classifies_chelsea_with_the_seed_curl(
     body = json.loads(result.stdout)
     assert body["predictions"][0]["index"] in IMAGENET_CATS
     assert "server" not in httpx.get(f"{url}/health").headers  # no software banner
+
+
+def test_cli_load_counts_answers_and_fails_on_anything_but_200(
+    served: tuple[str, subprocess.Popen[str]], tmp_path: Path, chelsea_jpeg: bytes
+) -> None:
+    url, _ = served
+    photo = tmp_path / "chelsea.jpg"
+    photo.write_bytes(chelsea_jpeg)
+    ok = subprocess.run(
+        [CLI, "load", str(photo), "--url", url, "--seconds", "2", "--concurrency", "2"],
+        capture_output=True, text=True, env=_env(), timeout=60,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert re.fullmatch(r"\d+ requests in 2s \(200: \d+\)\n", ok.stdout), ok.stdout
+    down = subprocess.run(
+        [CLI, "load", str(photo), "--url", f"http://127.0.0.1:{_free_port()}", "--seconds", "1"],
+        capture_output=True, text=True, env=_env(), timeout=60,
+    )  # fmt: skip
+    assert down.returncode == 1 and "ConnectError" in down.stdout
 
 
 def test_cli_predict_remote_and_local_agree(

@@ -92,3 +92,19 @@ def test_blank_api_key_means_no_key(monkeypatch: pytest.MonkeyPatch) -> None:
     assert load_settings().api_key is None
     monkeypatch.setenv("API_API_KEY", "abc")
     assert load_settings().api_key.get_secret_value() == "abc"  # type: ignore[union-attr]
+
+
+def test_api_key_from_a_mounted_secret_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = tmp_path / "API_API_KEY"
+    secret.write_text("from-the-secret\n")
+    monkeypatch.setenv("API_API_KEY_FILE", str(secret))
+    assert load_settings().api_key.get_secret_value() == "from-the-secret"  # type: ignore[union-attr]
+    monkeypatch.setenv("API_API_KEY_FILE", str(tmp_path / "missing"))
+    with pytest.raises(
+        ConfigError, match=r"API_API_KEY_FILE='.*missing' is invalid: cannot read it .*mount the secret"
+    ):
+        load_settings()
+    monkeypatch.setenv("API_API_KEY_FILE", str(secret))
+    monkeypatch.setenv("API_API_KEY", "also-set")
+    with pytest.raises(ConfigError, match="API_API_KEY and API_API_KEY_FILE are both set; keep one"):
+        load_settings()
