@@ -26,8 +26,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -143,32 +143,6 @@ def _children(pid: int) -> list[int]:
     except OSError:
         return []
     return kids + [g for k in kids for g in _children(k)]
-
-
-class PeakPss:
-    """The highest PSS of a server (and its children) while the block runs, sampled in a thread.
-
-    Every 2 s only: reading smaps_rollup walks the server's page tables under its memory-map lock,
-    and sampling 4x a second was seen to cost the measured service about 10 % of its throughput.
-    """
-
-    def __init__(self, server: Server, every_s: float = 2.0):
-        self.server, self.every_s, self.mb = server, every_s, 0.0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every_s):
-            self.mb = max(self.mb, self.server.pss_mb())
-
-    def __enter__(self) -> PeakPss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.mb = max(self.mb, self.server.pss_mb())
 
 
 class Server:
@@ -300,12 +274,20 @@ async def load(url: str, data: bytes, concurrency: int, total: int) -> dict[str,
     }
 
 
-def sweep(server: Server, data: bytes, args: argparse.Namespace, levels: list[int]) -> list[dict[str, float]]:
+def sweep(
+    server: Server,
+    data: bytes,
+    args: argparse.Namespace,
+    levels: list[int],
+    after_level: Callable[[], None] | None = None,
+) -> list[dict[str, float]]:
     asyncio.run(load(server.url, data, 4, 8))  # warm the connection pool and the server
     results = []
     for concurrency in levels:
         total = max(args.requests, concurrency * 2)
         results.append(asyncio.run(load(server.url, data, concurrency, total)))
+        if after_level is not None:
+            after_level()
     return results
 
 
@@ -383,10 +365,13 @@ def main() -> None:
         server = Server(checkpoint, args)
         results["cold_start_s"] = server.cold_start_s
         try:
-            with PeakPss(server) as peak:
-                for name, data in photos.items():
-                    results["images"][name] = {"ceiling": ceilings[name], "service": sweep(server, data, args, levels)}
-            results["service_pss_mb"] = peak.mb  # the peak under load, sampled every 2 s
+            pss: list[float] = []
+            for name, data in photos.items():
+                results["images"][name] = {
+                    "ceiling": ceilings[name],
+                    "service": sweep(server, data, args, levels, after_level=lambda: pss.append(server.pss_mb())),
+                }
+            results["service_pss_mb"] = max(pss)  # right after each level: nothing reads the server's memory under load
             results["service_peak_rss_mb"] = server.peak_rss_mb()  # the kernel's high-water mark (VmHWM)
             time.sleep(2 * IDLE_TRIM_S)  # idle: the inference thread hands freed memory back after IDLE_TRIM_S
             results["service_pss_idle_mb"] = server.pss_mb()
