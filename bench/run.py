@@ -345,6 +345,9 @@ def main() -> None:
     parser.add_argument("--latency-samples", type=int, default=15)
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--skip-extras", action="store_true", help="no reduced-decode-off and multi-worker runs")
+    parser.add_argument(
+        "--server-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the service"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
@@ -362,7 +365,7 @@ def main() -> None:
         checkpoint = write_checkpoint(Path(folder), args.model, args.num_classes)
         # Ceilings first, with nothing else running; the large photo's ceiling decodes it fully.
         ceilings = {name: ceiling(checkpoint, args, data, reduced=False) for name, data in photos.items()}
-        server = Server(checkpoint, args)
+        server = Server(checkpoint, args, **dict(item.split("=", 1) for item in args.server_env))
         results["cold_start_s"] = server.cold_start_s
         try:
             pss: list[float] = []
