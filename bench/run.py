@@ -36,6 +36,7 @@ import skimage.data
 import timm
 import torch
 from PIL import Image
+from prometheus_client.parser import text_string_to_metric_families
 
 from api.batching import IDLE_TRIM_S
 from api.labels import CAT_BREEDS
@@ -108,6 +109,13 @@ def ceiling(checkpoint: Path, args: argparse.Namespace, data: bytes, *, reduced:
     # The best of a noisy sweep is biased upwards (a lucky sample wins): measure the winner again, longer.
     batch = max(sweep, key=sweep.__getitem__)
     best = {"images_per_s": rate(batch, 3 * args.ceiling_images), "batch": batch, "sweep": sweep}
+    # the forward pass alone at that batch size: what the service's inference thread is compared with
+    items = [classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS).image) for _ in range(batch)]
+    rounds = max(1, args.ceiling_images // batch)
+    started = time.perf_counter()
+    for _ in range(rounds):
+        classifier.predict_prepared(items)
+    best["forward_ms_per_image"] = 1000 * (time.perf_counter() - started) / (rounds * batch)
     latencies = []
     for _ in range(args.latency_samples):
         started = time.perf_counter()
@@ -285,10 +293,31 @@ def sweep(
     results = []
     for concurrency in levels:
         total = max(args.requests, concurrency * 2)
-        results.append(asyncio.run(load(server.url, data, concurrency, total)))
+        before = _inference_counters(server.url)
+        row = asyncio.run(load(server.url, data, concurrency, total))
+        after = _inference_counters(server.url)
+        seconds, passes, images = (after[i] - before[i] for i in range(3))
+        # where the time went: how busy the inference thread was, and what a forward pass cost per image
+        row["inference_busy"] = seconds * row["images_per_s"] / max(row["requests"], 1)
+        row["mean_batch"] = images / max(passes, 1)
+        row["forward_ms_per_image"] = 1000 * seconds / max(images, 1)
+        results.append(row)
         if after_level is not None:
             after_level()
     return results
+
+
+def _inference_counters(url: str) -> tuple[float, float, float]:
+    """Forward-pass seconds, passes and images so far, from the service's own /metrics."""
+    found = {}
+    for family in text_string_to_metric_families(httpx.get(url + "/metrics", timeout=10).text):
+        for sample in family.samples:
+            found[sample.name] = sample.value
+    return (
+        found["cat_breeds_api_inference_duration_seconds_sum"],
+        found["cat_breeds_api_inference_batch_size_count"],
+        found["cat_breeds_api_inference_batch_size_sum"],
+    )
 
 
 # --- report ----------------------------------------------------------------------------------------
@@ -296,15 +325,17 @@ def sweep(
 
 def _table(name: str, ceil: dict[str, float], rows: list[dict[str, float]]) -> str:
     lines = [
-        f"\n{name}: in-process ceiling {ceil['images_per_s']:.2f} img/s (batch {ceil['batch']}), "
-        f"batch-1 pipeline p50 {ceil['batch1_p50_ms']:.1f} ms",
-        f"{'conc':>5} {'img/s':>8} {'x ceil':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p50/b1':>7}  statuses",
+        f"\n{name}: in-process ceiling {ceil['images_per_s']:.2f} img/s (batch {ceil['batch']}, forward "
+        f"{ceil['forward_ms_per_image']:.1f} ms/img), batch-1 pipeline p50 {ceil['batch1_p50_ms']:.1f} ms",
+        f"{'conc':>5} {'img/s':>8} {'x ceil':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p50/b1':>7} "
+        f"{'busy':>5} {'batch':>5} {'fwd/img':>7}  statuses",
     ]
     for row in rows:
         lines.append(
             f"{row['concurrency']:>5} {row['images_per_s']:>8.2f} {row['images_per_s'] / ceil['images_per_s']:>7.2f} "
             f"{row['p50_ms']:>8.1f} {row['p90_ms']:>8.1f} {row['p99_ms']:>8.1f} "
-            f"{row['p50_ms'] / ceil['batch1_p50_ms']:>7.2f}  {row['statuses']}"
+            f"{row['p50_ms'] / ceil['batch1_p50_ms']:>7.2f} {row['inference_busy']:>5.0%} {row['mean_batch']:>5.1f} "
+            f"{row['forward_ms_per_image']:>5.1f}ms  {row['statuses']}"
         )
     return "\n".join(lines)
 
