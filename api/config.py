@@ -82,6 +82,12 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("WEB_CONCURRENCY", "API_WORKERS"),
         description="Worker processes sharing the CPU quota (Gunicorn's WEB_CONCURRENCY).",
     )
+    heap_keep_mb: int = Field(
+        0,
+        ge=0,
+        le=65536,
+        description="Freed heap memory kept for the next forward pass while busy, given back once idle; 0: glibc's.",
+    )
     reduced_decode: bool = Field(
         True, description="Decode large JPEGs at a reduced scale, never below the model's resize target."
     )

@@ -1,4 +1,8 @@
-"""Request-scoped access to what the app was built with (FastAPI dependencies)."""
+"""Request-scoped access to what the app was built with (FastAPI dependencies).
+
+All `async def`: they never block, and FastAPI runs a plain `def` dependency in its thread pool,
+a thread hop per dependency per request that the event loop pays for under load.
+"""
 
 from __future__ import annotations
 
@@ -14,15 +18,15 @@ from api.metrics import Metrics
 from api.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-def get_app_settings(request: Request) -> Settings:
+async def get_app_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
@@ -35,7 +39,7 @@ _API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _BEARER = HTTPBearer(auto_error=False, description="API_API_KEY as a bearer token, when it is set.")
 
 
-def require_api_key(
+async def require_api_key(
     request: Request,
     header_key: Annotated[str | None, Security(_API_KEY_HEADER)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],

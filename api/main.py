@@ -28,7 +28,8 @@ from api.config import ConfigError, Settings, get_settings
 from api.errors import RequestError, StartupError
 from api.limits import BodyLimitMiddleware
 from api.logs import configure_logging
-from api.metrics import Metrics
+from api.memory import keep_freed_memory
+from api.metrics import Metrics, MetricsMiddleware
 from api.model import Classifier, load_classifier
 from api.requestlog import RequestLogMiddleware
 from api.resources import cpu_budget
@@ -80,6 +81,8 @@ def start_serving(settings: Settings, metrics: Metrics) -> Serving:
         device = batcher.classifier.device if batcher.classifier is not None else None
         if device is not None and device.type == "cuda":
             metrics.gpu_memory.set(torch.cuda.memory_allocated(device))
+
+    logger.info(keep_freed_memory(settings.heap_keep_mb))
 
     def load() -> Classifier:
         torch.set_num_threads(budget.threads)
@@ -204,7 +207,7 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
-    app.middleware("http")(metrics.middleware)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
     app.add_middleware(RequestLogMiddleware)  # outermost: every answer, refusals included, gets an id
     _add_error_handlers(app)
     app.include_router(health.router)

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Awaitable, Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
-from starlette.requests import Request
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 PREFIX = "cat_breeds_api"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -120,23 +119,37 @@ class Metrics:
             registry = self.registry
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def middleware(self, request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """Count and time every request under its route template (bounded label values)."""
+
+class MetricsMiddleware:
+    """Count and time every HTTP request under its route template (bounded label values).
+
+    Plain ASGI (Starlette's BaseHTTPMiddleware would add a task and a stream per request): the
+    status comes from the response-start message, the template from the route the router matched
+    (it records it in the shared scope); the time runs until the body is sent.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started = time.perf_counter()
-        self.in_flight.inc()
-        status = 500
+        status = 500  # unless a response starts: the app raised
+
+        async def send_observed(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.in_flight.inc()
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_observed)
         finally:
-            self.in_flight.dec()
-            route = _route_template(request)
-            self.requests.labels(route, request.method, str(status)).inc()
-            self.latency.labels(route).observe(time.perf_counter() - started)
-
-
-def _route_template(request: Request) -> str:
-    # The router records the matched route in the scope; its path template keeps label values bounded.
-    route = request.scope.get("route")
-    return str(getattr(route, "path", "unmatched"))
+            self.metrics.in_flight.dec()
+            route = str(getattr(scope.get("route"), "path", "unmatched"))
+            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
+            self.metrics.latency.labels(route).observe(time.perf_counter() - started)

@@ -3,8 +3,9 @@
     make bench            # or: .venv/bin/python -m bench.run --help
 
 1. The ceiling: the same model and preprocessing called directly (decode + transform + forward),
-   at batch sizes 1..32; the best batch size is measured again, 3x longer, for images/s (the best
-   of a noisy sweep alone would be biased upwards); and the batch-1 pipeline latency.
+   at batch sizes 1..32; the best batch size is measured again, 3x longer (the best of a noisy
+   sweep alone would be biased upwards), and again after every service level, for images/s (the
+   median of those samples: this machine's speed drifts over minutes); and the batch-1 latency.
 2. The service: `cat-breeds-api serve` on 127.0.0.1, a bounded number of requests at concurrency
    1, 4, 16 and 64 per image (a minimal keep-alive HTTP client, so the load generator takes as
    little of the shared CPU as it can), images/s and p50/p90/p99 latency, as ratios of the ceiling.
@@ -39,7 +40,9 @@ from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
 from api.batching import IDLE_TRIM_S
+from api.config import Settings
 from api.labels import CAT_BREEDS
+from api.memory import keep_freed_memory
 from api.model import load_classifier
 from api.preprocess import decode_image
 from api.resources import cpu_budget
@@ -74,54 +77,81 @@ def write_checkpoint(folder: Path, model_name: str, num_classes: int) -> Path:
 # --- in-process ceiling ----------------------------------------------------------------------------
 
 
-def ceiling(checkpoint: Path, args: argparse.Namespace, data: bytes, *, reduced: bool) -> dict[str, float]:
-    """Best images/s of decode + preprocess + forward called directly, and batch-1 latency (p50)."""
-    torch.set_num_threads(cpu_budget(None).threads)
-    classifier = load_classifier(
-        checkpoint,
-        model_name=args.model,
-        num_classes=args.num_classes,
-        image_size=args.image_size,
-        device=args.device,
-        precision=args.precision,
-    )
-    reduce_to = classifier.resize_short_side if reduced else None
+class Ceiling:
+    """Decode + preprocess + forward called directly: the best the service could do with this model.
 
-    def pipeline(batch: int) -> None:
+    The machine's speed drifts by several percent over minutes, so the ceiling is not measured once
+    and compared with service runs minutes later: after the sweep, the best batch size is measured
+    again, 3x longer (the best of a noisy sweep alone is biased upwards), and again after every
+    service level (`resample`, while the service is idle); ratios use the median of those samples.
+    """
+
+    def __init__(self, checkpoint: Path, args: argparse.Namespace):
+        torch.set_num_threads(cpu_budget(None).threads)
+        keep_freed_memory(Settings.model_fields["heap_keep_mb"].default)  # the service's heap policy, here too
+        self.args = args
+        self.classifier = load_classifier(
+            checkpoint,
+            model_name=args.model,
+            num_classes=args.num_classes,
+            image_size=args.image_size,
+            device=args.device,
+            precision=args.precision,
+        )
+
+    def _pipeline(self, data: bytes, batch: int, *, reduced: bool) -> None:
         # the service's own per-image and batched halves, called directly and serially
+        reduce_to = self.classifier.resize_short_side if reduced else None
         items = [
-            classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS, reduce_to=reduce_to).image)
+            self.classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS, reduce_to=reduce_to).image)
             for _ in range(batch)
         ]
-        classifier.predict_prepared(items)
+        self.classifier.predict_prepared(items)
 
-    def rate(batch: int, images: int) -> float:
+    def _rate(self, data: bytes, batch: int, images: int, *, reduced: bool) -> float:
         rounds = max(1, images // batch)
         started = time.perf_counter()
         for _ in range(rounds):
-            pipeline(batch)
+            self._pipeline(data, batch, reduced=reduced)
         return rounds * batch / (time.perf_counter() - started)
 
-    sweep = {}
-    for batch in args.ceiling_batches:
-        pipeline(batch)  # warm this shape
-        sweep[batch] = rate(batch, args.ceiling_images)
-    # The best of a noisy sweep is biased upwards (a lucky sample wins): measure the winner again, longer.
-    batch = max(sweep, key=sweep.__getitem__)
-    best = {"images_per_s": rate(batch, 3 * args.ceiling_images), "batch": batch, "sweep": sweep}
-    # the forward pass alone at that batch size: what the service's inference thread is compared with
-    items = [classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS).image) for _ in range(batch)]
-    rounds = max(1, args.ceiling_images // batch)
-    started = time.perf_counter()
-    for _ in range(rounds):
-        classifier.predict_prepared(items)
-    best["forward_ms_per_image"] = 1000 * (time.perf_counter() - started) / (rounds * batch)
-    latencies = []
-    for _ in range(args.latency_samples):
+    def measure(self, data: bytes, *, reduced: bool) -> dict:
+        """Sweep the batch sizes, re-measure the best one, time its forward pass and the batch-1 latency."""
+        args = self.args
+        sweep = {}
+        for batch in args.ceiling_batches:
+            self._pipeline(data, batch, reduced=reduced)  # warm this shape
+            sweep[batch] = self._rate(data, batch, args.ceiling_images, reduced=reduced)
+        batch = max(sweep, key=sweep.__getitem__)
+        samples = [self._rate(data, batch, 3 * args.ceiling_images, reduced=reduced)]
+        # the forward pass alone at that batch size: what the service's inference thread is compared with
+        items = [self.classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS).image) for _ in range(batch)]
+        rounds = max(1, args.ceiling_images // batch)
         started = time.perf_counter()
-        pipeline(1)
-        latencies.append(time.perf_counter() - started)
-    return {**best, "batch1_p50_ms": statistics.median(latencies) * 1000}
+        for _ in range(rounds):
+            self.classifier.predict_prepared(items)
+        forward_ms = 1000 * (time.perf_counter() - started) / (rounds * batch)
+        latencies = []
+        for _ in range(args.latency_samples):
+            started = time.perf_counter()
+            self._pipeline(data, 1, reduced=reduced)
+            latencies.append(time.perf_counter() - started)
+        return {
+            "images_per_s": samples[0],
+            "samples": samples,
+            "batch": batch,
+            "sweep": sweep,
+            "forward_ms_per_image": forward_ms,
+            "batch1_p50_ms": statistics.median(latencies) * 1000,
+            "reduced": reduced,
+        }
+
+    def resample(self, data: bytes, result: dict) -> None:
+        """One more sample of the best batch size; the ceiling becomes the median of all samples."""
+        result["samples"].append(
+            self._rate(data, result["batch"], 3 * self.args.ceiling_images, reduced=result["reduced"])
+        )
+        result["images_per_s"] = statistics.median(result["samples"])
 
 
 # --- the service -----------------------------------------------------------------------------------
@@ -163,8 +193,9 @@ class Server:
             API_IMAGE_SIZE=str(args.image_size), API_DEVICE=args.device, API_PORT=str(self.port),
             API_MAX_QUEUE=str(args.max_queue), API_PRECISION=args.precision,
             API_MAX_BATCH_SIZE=str(args.max_batch_size), LOG_LEVEL="WARNING",
-            WEB_CONCURRENCY=str(workers), MALLOC_ARENA_MAX="2", **env,  # the arena cap: as image and make run
+            WEB_CONCURRENCY=str(workers), MALLOC_ARENA_MAX="2",  # the arena cap: as image and make run
         )  # fmt: skip
+        environment.update(env)  # --server-env wins
         if workers > 1:
             environment["API_HOST"] = "127.0.0.1"
             command = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
@@ -325,17 +356,18 @@ def _inference_counters(url: str) -> tuple[float, float, float]:
 
 def _table(name: str, ceil: dict[str, float], rows: list[dict[str, float]]) -> str:
     lines = [
-        f"\n{name}: in-process ceiling {ceil['images_per_s']:.2f} img/s (batch {ceil['batch']}, forward "
+        f"\n{name}: in-process ceiling {ceil['images_per_s']:.2f} img/s (median of {len(ceil['samples'])} samples, "
+        f"{min(ceil['samples']):.2f}-{max(ceil['samples']):.2f}; batch {ceil['batch']}, forward "
         f"{ceil['forward_ms_per_image']:.1f} ms/img), batch-1 pipeline p50 {ceil['batch1_p50_ms']:.1f} ms",
         f"{'conc':>5} {'img/s':>8} {'x ceil':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'p50/b1':>7} "
-        f"{'busy':>5} {'batch':>5} {'fwd/img':>7}  statuses",
+        f"{'busy':>5} {'batch':>5} {'fwd/img':>7} {'PSS MB':>7}  statuses",
     ]
     for row in rows:
         lines.append(
             f"{row['concurrency']:>5} {row['images_per_s']:>8.2f} {row['images_per_s'] / ceil['images_per_s']:>7.2f} "
             f"{row['p50_ms']:>8.1f} {row['p90_ms']:>8.1f} {row['p99_ms']:>8.1f} "
             f"{row['p50_ms'] / ceil['batch1_p50_ms']:>7.2f} {row['inference_busy']:>5.0%} {row['mean_batch']:>5.1f} "
-            f"{row['forward_ms_per_image']:>5.1f}ms  {row['statuses']}"
+            f"{row['forward_ms_per_image']:>5.1f}ms {row.get('service_pss_mb', float('nan')):>7.0f}  {row['statuses']}"
         )
     return "\n".join(lines)
 
@@ -394,18 +426,25 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = write_checkpoint(Path(folder), args.model, args.num_classes)
-        # Ceilings first, with nothing else running; the large photo's ceiling decodes it fully.
-        ceilings = {name: ceiling(checkpoint, args, data, reduced=False) for name, data in photos.items()}
+        # Ceilings first, with nothing else running; the large photo's ceiling decodes it fully. Each
+        # is sampled again after every service level (the service idle by then): see Ceiling.
+        ceiling = Ceiling(checkpoint, args)
+        ceilings = {name: ceiling.measure(data, reduced=False) for name, data in photos.items()}
         server = Server(checkpoint, args, **dict(item.split("=", 1) for item in args.server_env))
         results["cold_start_s"] = server.cold_start_s
         try:
             pss: list[float] = []
             for name, data in photos.items():
-                results["images"][name] = {
-                    "ceiling": ceilings[name],
-                    "service": sweep(server, data, args, levels, after_level=lambda: pss.append(server.pss_mb())),
-                }
-            results["service_pss_mb"] = max(pss)  # right after each level: nothing reads the server's memory under load
+
+                def after_level(name: str = name, data: bytes = data) -> None:
+                    pss.append(server.pss_mb())  # right after the level: nothing reads it under load
+                    ceiling.resample(data, ceilings[name])
+
+                rows = sweep(server, data, args, levels, after_level=after_level)
+                for row, mb in zip(rows, pss[-len(rows) :], strict=True):
+                    row["service_pss_mb"] = mb
+                results["images"][name] = {"ceiling": ceilings[name], "service": rows}
+            results["service_pss_mb"] = max(pss)
             results["service_peak_rss_mb"] = server.peak_rss_mb()  # the kernel's high-water mark (VmHWM)
             time.sleep(2 * IDLE_TRIM_S)  # idle: the inference thread hands freed memory back after IDLE_TRIM_S
             results["service_pss_idle_mb"] = server.pss_mb()

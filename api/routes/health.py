@@ -28,19 +28,19 @@ def _health(state: StateDep, response: Response) -> Health:
 
 
 @router.get("/health", response_model=Health, responses=_NOT_READY, summary="Ready to predict?")
-def health(state: StateDep, response: Response) -> Health:
+async def health(state: StateDep, response: Response) -> Health:
     """200 once the model is loaded and warmed up; 503 with the reason while loading or after a failure."""
     return _health(state, response)
 
 
 @router.get("/health/ready", response_model=Health, responses=_NOT_READY, summary="Readiness probe")
-def ready(state: StateDep, response: Response) -> Health:
+async def ready(state: StateDep, response: Response) -> Health:
     """Same answer as /health, for orchestrators' readiness/startup probes."""
     return _health(state, response)
 
 
 @router.get("/health/live", response_model=Liveness, summary="Liveness probe")
-def live() -> Liveness:
+async def live() -> Liveness:
     """200 whenever the process answers HTTP, even while the model is still loading."""
     return Liveness()
 

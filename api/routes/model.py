@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api/v1", tags=["model"], dependencies=[Depends(requi
     responses={503: {"model": ErrorResponse, "description": "Model not ready."}},
     summary="Model information",
 )
-def model_info(state: StateDep) -> ModelInfo:
+async def model_info(state: StateDep) -> ModelInfo:
     """Architecture, class names, resolved preprocessing, device, dtype, checkpoint path and sha256."""
     classifier = state.require_ready().classifier
     ckpt = classifier.checkpoint

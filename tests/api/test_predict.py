@@ -121,6 +121,29 @@ def test_model_info(tiny_server: str, tiny_checkpoint: Path) -> None:
     assert info["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
 
 
+
+def test_metrics_count_every_answer_by_route_template_and_status(tiny_server: str, chelsea_jpeg: bytes) -> None:
+    def counts() -> dict[tuple[str, str, str], float]:
+        text = httpx.get(tiny_server + "/metrics").text
+        return {
+            (s.labels["route"], s.labels["method"], s.labels["status"]): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "cat_breeds_api_http_requests_total"
+        }
+
+    before = counts()
+    assert httpx.post(tiny_server + PREDICT, files={"file": chelsea_jpeg}).status_code == 200
+    assert httpx.post(tiny_server + PREDICT, files={"file": ("a.txt", b"not an image")}).status_code == 415
+    assert httpx.get(tiny_server + "/no/such/page/12345").status_code == 404
+    after = counts()
+    grew = {key: after[key] - before.get(key, 0) for key in after if after[key] != before.get(key, 0)}
+    assert grew[(PREDICT, "POST", "200")] == 1
+    assert grew[(PREDICT, "POST", "415")] == 1
+    assert grew[("unmatched", "GET", "404")] == 1  # never the raw path: label values stay bounded
+    text = httpx.get(tiny_server + "/metrics").text
+    assert "cat_breeds_api_http_requests_in_flight 1.0" in text  # only this scrape is in flight
+
 def test_health_answers_promptly_while_predictions_run(tiny_server: str, chelsea: Image.Image) -> None:
     big = jpeg_bytes(chelsea.resize((2400, 1600)))  # a slow decode, under the fixture's 1 MiB limit
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

@@ -119,6 +119,9 @@ def test_four_times_capacity_sheds_load_and_loses_nothing(
         overload = asyncio.run(open_loop(server.url, chelsea_jpeg, rate=4 * capacity, seconds=duration))
         sent = sum(overload.statuses.values())
         eventually(lambda: _queue_depth(server) == 0, what="queue drained")
+        # memory returns to where it was: freed blocks are kept while busy, handed back after a quiet
+        # second (glibc keeps a little: 64 MiB of slack)
+        eventually(lambda: server.rss_mb() <= baseline_mb + 64, timeout_s=5, what="memory back to its baseline")
         after_mb = server.rss_mb()
         assert server.process.poll() is None, "the server died under overload"
         assert httpx.get(server.url + "/health").status_code == 200
@@ -137,8 +140,6 @@ def test_four_times_capacity_sheds_load_and_loses_nothing(
     # the accepted ones were served near capacity, and their wait is bounded by the queue
     assert ok >= 0.5 * capacity * duration, (ok, capacity)
     assert p99 <= 2 * MAX_QUEUE / capacity + 1.0, f"p99 {p99:.2f}s for a queue of {MAX_QUEUE}"
-    # memory returns to where it was (glibc keeps a little: 64 MiB of slack)
-    assert after_mb <= baseline_mb + 64, (baseline_mb, after_mb)
 
 
 def test_soak_thousands_of_predictions_with_flat_memory(
