@@ -121,7 +121,6 @@ def test_model_info(tiny_server: str, tiny_checkpoint: Path) -> None:
     assert info["checkpoint_sha256"] == hashlib.sha256(tiny_checkpoint.read_bytes()).hexdigest()
 
 
-
 def test_metrics_count_every_answer_by_route_template_and_status(tiny_server: str, chelsea_jpeg: bytes) -> None:
     def counts() -> dict[tuple[str, str, str], float]:
         text = httpx.get(tiny_server + "/metrics").text
@@ -143,6 +142,7 @@ def test_metrics_count_every_answer_by_route_template_and_status(tiny_server: st
     assert grew[("unmatched", "GET", "404")] == 1  # never the raw path: label values stay bounded
     text = httpx.get(tiny_server + "/metrics").text
     assert "cat_breeds_api_http_requests_in_flight 1.0" in text  # only this scrape is in flight
+
 
 def test_health_answers_promptly_while_predictions_run(tiny_server: str, chelsea: Image.Image) -> None:
     big = jpeg_bytes(chelsea.resize((2400, 1600)))  # a slow decode, under the fixture's 1 MiB limit
