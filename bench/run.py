@@ -5,7 +5,8 @@
 1. The ceiling: the same model and preprocessing called directly (decode + transform + forward),
    at batch sizes 1..32; the best batch size is measured again, 3x longer (the best of a noisy
    sweep alone would be biased upwards), and again after every service level, for images/s (the
-   median of those samples: this machine's speed drifts over minutes); and the batch-1 latency.
+   median of those samples: this machine's speed drifts over minutes); and the batch-1 latency,
+   sampled at the same moments.
 2. The service: `cat-breeds-api serve` on 127.0.0.1, a bounded number of requests at concurrency
    1, 4, 16 and 64 per image (a minimal keep-alive HTTP client, so the load generator takes as
    little of the shared CPU as it can), images/s and p50/p90/p99 latency, as ratios of the ceiling.
@@ -83,7 +84,8 @@ class Ceiling:
     The machine's speed drifts by several percent over minutes, so the ceiling is not measured once
     and compared with service runs minutes later: after the sweep, the best batch size is measured
     again, 3x longer (the best of a noisy sweep alone is biased upwards), and again after every
-    service level (`resample`, while the service is idle); ratios use the median of those samples.
+    service level (`resample`, while the service is idle), with the batch-1 latency; ratios use
+    the medians of those samples.
     """
 
     def __init__(self, checkpoint: Path, args: argparse.Namespace):
@@ -131,27 +133,34 @@ class Ceiling:
         for _ in range(rounds):
             self.classifier.predict_prepared(items)
         forward_ms = 1000 * (time.perf_counter() - started) / (rounds * batch)
-        latencies = []
-        for _ in range(args.latency_samples):
-            started = time.perf_counter()
-            self._pipeline(data, 1, reduced=reduced)
-            latencies.append(time.perf_counter() - started)
+        latencies = self._latencies_ms(data, reduced=reduced)
         return {
             "images_per_s": samples[0],
             "samples": samples,
             "batch": batch,
             "sweep": sweep,
             "forward_ms_per_image": forward_ms,
-            "batch1_p50_ms": statistics.median(latencies) * 1000,
+            "batch1_p50_ms": statistics.median(latencies),
+            "batch1_ms": latencies,
             "reduced": reduced,
         }
 
+    def _latencies_ms(self, data: bytes, *, reduced: bool) -> list[float]:
+        latencies = []
+        for _ in range(self.args.latency_samples):
+            started = time.perf_counter()
+            self._pipeline(data, 1, reduced=reduced)
+            latencies.append(1000 * (time.perf_counter() - started))
+        return latencies
+
     def resample(self, data: bytes, result: dict) -> None:
-        """One more sample of the best batch size; the ceiling becomes the median of all samples."""
+        """One more sample of the best batch size and of the batch-1 latency; both become medians."""
         result["samples"].append(
             self._rate(data, result["batch"], 3 * self.args.ceiling_images, reduced=result["reduced"])
         )
         result["images_per_s"] = statistics.median(result["samples"])
+        result["batch1_ms"] += self._latencies_ms(data, reduced=result["reduced"])
+        result["batch1_p50_ms"] = statistics.median(result["batch1_ms"])
 
 
 # --- the service -----------------------------------------------------------------------------------
