@@ -46,7 +46,7 @@ class Classifier:
     load_seconds: float = 0.0
     dtype: torch.dtype = torch.float32
     autocast: torch.dtype | None = None  # fp16/bf16 autocast of the forward pass (API_PRECISION)
-    padded_sizes: tuple[int, ...] = ()  # compiled models see only these batch sizes (no recompiles)
+    padded_sizes: tuple[int, ...] = ()  # batches are padded to these sizes (compiled / CUDA: no new shapes)
     split: SplitTransform | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -170,12 +170,15 @@ def load_classifier(
     model = model.to(torch_device).eval()
     if torch_device.type != "mps":
         model = model.to(memory_format=torch.channels_last)
-    if torch_device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: pick the fastest kernels once
     padded: tuple[int, ...] = ()
+    if torch_device.type == "cuda":
+        # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
+        # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
+        torch.backends.cudnn.benchmark = True
+        padded = batch_buckets(max_batch_size)
     if compile_model:
-        model = torch.compile(model)
-        padded = tuple(sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)}))
+        model = torch.compile(model)  # a compiled graph per padded size, compiled in warm_up
+        padded = batch_buckets(max_batch_size)
     classifier = Classifier(
         model=model,
         architecture=architecture,
@@ -197,10 +200,16 @@ def load_classifier(
     return classifier
 
 
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a padded model sees: powers of two up to, and including, the largest batch."""
+    return tuple(sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)}))
+
+
 def warm_up(classifier: Classifier) -> None:
     """Forward passes at the serving input size through the serving path, so no request pays
-    for the first one. A compiled model is run at every batch size it will meet (compilation
-    happens here, before the service reports ready); an eager model once."""
+    for the first one. A padded model (compiled, or on CUDA) is run at every batch size it will
+    meet (compilation and cuDNN's benchmarks happen here, before the service reports ready); an
+    eager CPU model once."""
     height, width = classifier.input_size[1:]
     item = classifier.prepare(Image.new("RGB", (width * 2, height * 2)))
     for size in classifier.padded_sizes or (1,):

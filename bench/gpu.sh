@@ -1,11 +1,26 @@
 #!/usr/bin/env bash
-# The GPU check (about 10 minutes on an H100/H200): resnet50 fp16, concurrency 64, against the
-# in-process GPU ceiling. Run from the repository root on a machine with an NVIDIA GPU:
-#   bench/gpu.sh            (creates .venv if needed; writes artifacts/bench-gpu/)
-set -euo pipefail
+# The GPU check (about 5 minutes on an H100/H200). Run from the repository root on an NVIDIA GPU machine:
+#   bench/gpu.sh                                  (creates .venv if needed; writes artifacts/bench-gpu/)
+#   PYTHON=python3 OUT_DIR=/some/dir bench/gpu.sh  (an interpreter that already has the dependencies)
+# 1. tests/gpu: fp16/bf16 against fp32, padded batches, torch.compile and the service, on the GPU;
+# 2. resnet50 fp16, one worker batching up to 64, concurrency 1/16/64, against the in-process GPU ceiling;
+# 3. the same at concurrency 64 with WORKERS (default 4) Gunicorn workers sharing the GPU.
+# Every step runs even if one before it failed; the exit status is the first failure's.
+set -uo pipefail
 cd "$(dirname "$0")/.."
-[ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-.venv/bin/python -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name(0))"
-.venv/bin/python -m bench.run --device cuda --precision fp16 --max-batch-size 64 --concurrency 1,16,64 \
-    --requests 512 --ceiling-images 512 --max-queue 256 --skip-extras --out artifacts/bench-gpu
+OUT_DIR=${OUT_DIR:-artifacts/bench-gpu}
+if [ -z "${PYTHON:-}" ]; then
+    [ -x .venv/bin/python ] || { python3 -m venv .venv && .venv/bin/pip install -q -e ".[dev]"; } || exit
+    PYTHON=.venv/bin/python
+fi
+mkdir -p "$OUT_DIR"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader
+"$PYTHON" -c "import torch; assert torch.cuda.is_available(), 'no CUDA'; print('torch', torch.__version__, torch.cuda.get_device_name(0))" || exit
+status=0
+step() { echo "== $*"; "$@" || { rc=$?; echo "== failed ($rc): $*"; [ "$status" -ne 0 ] || status=$rc; }; }
+common=(--device cuda --precision fp16 --max-batch-size 64 --requests 1024 --ceiling-images 512 --max-queue 256
+        --images chelsea_451x300 --skip-extras)
+step "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider -W default --junit-xml "$OUT_DIR/tests.xml"
+step "$PYTHON" -m bench.run "${common[@]}" --concurrency 1,16,64 --out "$OUT_DIR/one-worker"
+step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64 --workers "${WORKERS:-4}" --out "$OUT_DIR/workers"
+exit $status

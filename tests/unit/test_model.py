@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.model import load_classifier
+from api.model import batch_buckets, load_classifier
 from tests.helpers import tiny_model
 
 
@@ -56,6 +56,14 @@ def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(checkpo
     batch = torch.randn(3, 3, 160, 160)
     for rows in (1, 2, 3):
         torch.testing.assert_close(compiled.predict(batch[:rows]), eager.predict(batch[:rows]), rtol=1e-3, atol=1e-4)
+
+
+def test_batches_are_padded_to_powers_of_two_up_to_the_largest(checkpoint: Path) -> None:
+    """The sizes a compiled (or CUDA) model sees, each warmed up before ready; tests/gpu covers CUDA."""
+    assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
+    assert batch_buckets(12) == (1, 2, 4, 8, 12)
+    assert batch_buckets(1) == (1,)
+    assert load_classifier(checkpoint, model_name="test_resnet", device="cpu", max_batch_size=8).padded_sizes == ()
 
 
 def test_split_preprocessing_matches_the_whole_timm_transform(demo_dir: Path, chelsea_jpeg: bytes) -> None:
