@@ -63,6 +63,9 @@ class Settings(BaseSettings):
         "fp32", description="Autocast dtype for the forward pass (fp16/bf16 pay off on GPUs)."
     )
     compile: bool = Field(False, description="torch.compile the model, warmed up for every batch size before ready.")
+    cuda_graphs: bool = Field(
+        True, description="On CUDA (not compiled): replay the forward pass as one CUDA graph per batch size."
+    )
 
     # --- throughput ------------------------------------------------------------------------------
     max_batch_size: int = Field(

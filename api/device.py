@@ -50,9 +50,9 @@ def resolve_device(requested: str) -> tuple[torch.device, str]:
             f"API_DEVICE={requested!r} but torch reports no usable CUDA device "
             f"({_cuda_unavailable_reason()}); {_GPU_HINT}"
         )
-    device = torch.device(requested)
-    index = device.index or 0
+    index = torch.device(requested).index or 0
     count = torch.cuda.device_count()
     if index >= count:
         raise ConfigError(f"API_DEVICE={requested!r} but only {count} CUDA device(s) are visible; use cuda:0..")
-    return device, f"API_DEVICE={requested}: {torch.cuda.get_device_name(index)}"
+    # always with its index, so health, logs and metrics name the GPU that serves
+    return torch.device("cuda", index), f"API_DEVICE={requested}: {torch.cuda.get_device_name(index)}"

@@ -65,6 +65,7 @@ def load_configured_classifier(settings: Settings) -> Classifier:
         device=settings.device,
         precision=settings.precision,
         compile_model=settings.compile,
+        cuda_graphs=settings.cuda_graphs,
         max_batch_size=settings.max_batch_size,
     )
 

@@ -47,6 +47,7 @@ class Classifier:
     dtype: torch.dtype = torch.float32
     autocast: torch.dtype | None = None  # fp16/bf16 autocast of the forward pass (API_PRECISION)
     padded_sizes: tuple[int, ...] = ()  # batches are padded to these sizes (compiled / CUDA: no new shapes)
+    graphs: CudaGraphs | None = None  # on CUDA: the forward pass replayed per padded size (API_CUDA_GRAPHS)
     split: SplitTransform | None = None
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -105,14 +106,27 @@ class Classifier:
             size = next((s for s in self.padded_sizes if s >= rows), rows)
             if size > rows:
                 batch = torch.cat([batch, batch.new_zeros((size - rows, *batch.shape[1:]))])
-        context = torch.autocast(self.device.type, dtype=self.autocast) if self.autocast else nullcontext()
+        if self.graphs is not None and batch.shape[0] in self.graphs.sizes:
+            scores = self.graphs.replay(batch)  # the graph's own output: copied out below, before the next replay
+        else:
+            scores = self.scores(batch)
+        return scores[:rows].cpu()
+
+    def scores(self, batch: torch.Tensor) -> torch.Tensor:
+        """Normalised batch on the model's device -> float32 scores on that device (the eager pass)."""
+        # no autocast weight cache: each pass casts every weight once anyway, and a CUDA graph
+        # must not keep pointers to a cache that is freed when the context ends
+        context = (
+            torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=False)
+            if self.autocast
+            else nullcontext()
+        )
         with context:
             logits = self.model(batch)
         if isinstance(logits, tuple | list):  # some scripted models return (logits, aux)
             logits = logits[0]
-        logits = logits[:rows].float()
-        scores = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
-        return scores.cpu()
+        logits = logits.float()
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
 
     def rank(self, scores: torch.Tensor, top_k: int) -> list[tuple[int, str, float]]:
         """One image's scores -> [(index, label, score)], best first.
@@ -125,6 +139,55 @@ class Classifier:
         else:
             order = scores.topk(min(top_k, scores.numel())).indices
         return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+
+
+class CudaGraphs:
+    """The eager forward pass captured as one CUDA graph per padded batch size, then replayed.
+
+    An eager resnet50 launches hundreds of kernels per pass, each from Python: with decode threads
+    and the event loop contending for the GIL, every launch can wait for it, and the GPU idles.
+    A replay is one launch. Inputs are copied into the graph's own input tensor, outputs read from
+    its own output tensor (valid until the next replay; only the inference thread replays).
+    """
+
+    def __init__(self, classifier: Classifier, sizes: tuple[int, ...]):
+        channels, height, width = classifier.input_size
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, torch.Tensor]] = {}
+        pool = None
+        for size in sorted(sizes, reverse=True):  # largest first: the smaller graphs reuse its memory pool
+            static_in = torch.zeros((size, channels, height, width), device=classifier.device).contiguous(
+                memory_format=torch.channels_last
+            )
+            side = torch.cuda.Stream(classifier.device)  # capture needs a warmed-up pass on a side stream
+            side.wait_stream(torch.cuda.current_stream(classifier.device))
+            with torch.cuda.stream(side):
+                classifier.scores(static_in)
+            torch.cuda.current_stream(classifier.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                static_out = classifier.scores(static_in)
+            pool = graph.pool()
+            self._graphs[size] = (graph, static_in, static_out)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(sorted(self._graphs))
+
+    def replay(self, batch: torch.Tensor) -> torch.Tensor:
+        graph, static_in, static_out = self._graphs[batch.shape[0]]
+        static_in.copy_(batch)
+        graph.replay()
+        return static_out
+
+
+@torch.inference_mode()
+def _capture_graphs(classifier: Classifier) -> None:
+    try:
+        classifier.graphs = CudaGraphs(classifier, classifier.padded_sizes)
+    except Exception as error:  # a model that cannot be captured still serves, eagerly
+        classifier.graphs = None
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        logger.warning("API_CUDA_GRAPHS: capture failed (%s); serving the eager forward pass", reason)
 
 
 def load_classifier(
@@ -140,6 +203,7 @@ def load_classifier(
     device: str = "auto",
     precision: str = "fp32",
     compile_model: bool = False,
+    cuda_graphs: bool = True,
     max_batch_size: int = 1,
 ) -> Classifier:
     """Build the classifier described by the checkpoint, with settings as explicit overrides.
@@ -196,6 +260,10 @@ def load_classifier(
     )
     ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
     warm_up(classifier)
+    if cuda_graphs and torch_device.type == "cuda" and not compile_model:
+        _capture_graphs(classifier)  # after warm-up: cuDNN has benchmarked every size
+        if classifier.graphs is not None:
+            warm_up(classifier)  # every size replayed once, through the serving path
     classifier.load_seconds = time.perf_counter() - started
     return classifier
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU check (about 5 minutes on an H100/H200). Run from the repository root on an NVIDIA GPU machine:
+# The GPU check (about 6 minutes on an H100/H200). Run from the repository root on an NVIDIA GPU machine:
 #   bench/gpu.sh                                  (creates .venv if needed; writes artifacts/bench-gpu/)
 #   PYTHON=python3 OUT_DIR=/some/dir bench/gpu.sh  (an interpreter that already has the dependencies)
 # 1. tests/gpu: fp16/bf16 against fp32, padded batches, torch.compile and the service, on the GPU;
 # 2. resnet50 fp16, one worker batching up to 64, concurrency 1/16/64, against the in-process GPU ceiling;
-# 3. the same at concurrency 64 with WORKERS (default 4) Gunicorn workers sharing the GPU.
+# 3. the same at concurrency 64 with the eager forward pass (API_CUDA_GRAPHS=false), for comparison;
+# 4. the same at concurrency 64 with WORKERS (default 4) Gunicorn workers sharing the GPU.
 # Every step runs even if one before it failed; the exit status is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -22,5 +23,6 @@ common=(--device cuda --precision fp16 --max-batch-size 64 --requests 1024 --cei
         --images chelsea_451x300 --skip-extras)
 step "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider -W default --junit-xml "$OUT_DIR/tests.xml"
 step "$PYTHON" -m bench.run "${common[@]}" --concurrency 1,16,64 --out "$OUT_DIR/one-worker"
+step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64 --server-env API_CUDA_GRAPHS=false --out "$OUT_DIR/eager"
 step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64 --workers "${WORKERS:-4}" --out "$OUT_DIR/workers"
 exit $status

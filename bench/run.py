@@ -215,6 +215,7 @@ class Server:
     def __init__(self, checkpoint: Path, args: argparse.Namespace, *, workers: int = 1, **env: str):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.workers = workers
         environment = {k: v for k, v in os.environ.items() if not k.startswith("API_")}
         environment.update(
             API_CHECKPOINT_PATH=str(checkpoint), API_MODEL_NAME=args.model, API_NUM_CLASSES=str(args.num_classes),
@@ -241,12 +242,22 @@ class Server:
                 self.log.seek(0)
                 raise RuntimeError(f"server exited:\n{self.log.read().decode()[-2000:]}")
             try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
+                if httpx.get(self.url + "/health", timeout=1).status_code == 200 and self._all_workers_ready():
                     return time.perf_counter() - started
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
         raise RuntimeError("server not ready after 120 s")
+
+    def _all_workers_ready(self) -> bool:
+        """Under Gunicorn /health is one worker's answer; the ready gauge is the least ready worker's."""
+        if self.workers == 1:
+            return True
+        text = httpx.get(self.url + "/metrics", timeout=1).text
+        return any(
+            line.startswith("cat_breeds_api_model_ready ") and float(line.split()[-1]) == 1
+            for line in text.splitlines()
+        )
 
     def pss_mb(self) -> float:
         return _pss_mb(self.process.pid)

@@ -37,8 +37,9 @@ def test_cuda_answers_stay_close_to_cpu_fp32(
     demo_dir: Path, cpu_fp32: Classifier, chelsea_jpeg: bytes, coffee_jpeg: bytes, precision: str, tolerance: float
 ) -> None:
     gpu = load_classifier(demo_dir, device="cuda", precision=precision, max_batch_size=8)
-    assert gpu.device.type == "cuda"
+    assert gpu.device == torch.device("cuda", 0)
     assert gpu.padded_sizes == (1, 2, 4, 8)  # every size cuDNN will see was benchmarked in warm-up
+    assert gpu.graphs is not None and gpu.graphs.sizes == gpu.padded_sizes  # and captured as a CUDA graph
     items = _prepared(gpu, chelsea_jpeg, coffee_jpeg, chelsea_jpeg)  # 3 rows: padded to 4
     reference, scores = cpu_fp32.predict_prepared(items), gpu.predict_prepared(items)
     assert scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.shape == reference.shape
@@ -54,6 +55,18 @@ def test_padded_batches_answer_each_image_as_if_alone(demo_dir: Path, chelsea_jp
     together = gpu.predict_prepared(items)
     alone = torch.cat([gpu.predict_prepared([item]) for item in items])
     torch.testing.assert_close(together, alone, atol=5e-3, rtol=0)
+
+
+def test_cuda_graph_replays_match_the_eager_pass_call_after_call(
+    demo_dir: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes
+) -> None:
+    graphed = load_classifier(demo_dir, device="cuda", precision="fp16", max_batch_size=4)
+    eager = load_classifier(demo_dir, device="cuda", precision="fp16", max_batch_size=4, cuda_graphs=False)
+    assert graphed.graphs is not None and eager.graphs is None
+    # different images and sizes one after another: each replay reads this call's input, never the last one's
+    for jpegs in ([chelsea_jpeg], [coffee_jpeg], [coffee_jpeg, chelsea_jpeg, coffee_jpeg], [chelsea_jpeg] * 4):
+        items = _prepared(eager, *jpegs)
+        torch.testing.assert_close(graphed.predict_prepared(items), eager.predict_prepared(items), atol=2e-3, rtol=0)
 
 
 def test_compiled_cuda_model_matches_eager(tiny_checkpoint: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes) -> None:
