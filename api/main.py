@@ -177,6 +177,10 @@ def create_app(settings: Settings, *, exit_on_load_failure: bool = True) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.service = ServiceState()
         loader = asyncio.create_task(_load_in_background(app, settings, exit_on_failure=exit_on_load_failure))
+        if getattr(app.state, "accept_after_load", False):
+            # Gunicorn worker: the server starts accepting when the lifespan has started, so other,
+            # ready workers take every connection until this one's model is loaded (none meets a 503)
+            await loader
         try:
             yield
         finally:

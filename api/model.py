@@ -236,6 +236,8 @@ def load_classifier(
         model = model.to(memory_format=torch.channels_last)
     padded: tuple[int, ...] = ()
     if torch_device.type == "cuda":
+        # the loading thread also runs every pass: its streams, and graph capture, on this GPU
+        torch.cuda.set_device(torch_device)
         # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
         # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
         torch.backends.cudnn.benchmark = True

@@ -8,6 +8,7 @@ uvicorn's graceful shutdown stops accepting connections, finishes the requests i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import threading
@@ -64,7 +65,12 @@ def serve(app: FastAPI, **config: Any) -> None:
 
 
 class Worker(UvicornWorker):
-    """Gunicorn's Uvicorn worker, draining like `serve` (api.gunicorn_conf selects it)."""
+    """Gunicorn's Uvicorn worker, draining like `serve` (api.gunicorn_conf selects it).
+
+    Unlike `serve`, which answers "loading" while its model loads, a worker accepts connections only
+    once its model is ready: the workers share one listening socket, so a loading or restarted
+    worker must not take connections that a ready one would answer.
+    """
 
     CONFIG_KWARGS: ClassVar[dict[str, Any]] = {
         "loop": "auto",
@@ -76,10 +82,22 @@ class Worker(UvicornWorker):
     async def _serve(self) -> None:
         app: FastAPI = self.wsgi
         settings = app.state.settings
+        app.state.accept_after_load = True  # the lifespan waits for the model before accepting
         self.config.app = app
         self.config.timeout_graceful_shutdown = settings.graceful_timeout_s
         server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=lambda: begin_drain(app))
         self._install_sigquit_handler()
-        await server.serve(sockets=self.sockets)
+        heartbeat = asyncio.create_task(self._heartbeat_until_started(server))
+        try:
+            await server.serve(sockets=self.sockets)
+        finally:
+            heartbeat.cancel()
         if not server.started:
             sys.exit(Arbiter.WORKER_BOOT_ERROR)
+
+    async def _heartbeat_until_started(self, server: uvicorn.Server) -> None:
+        """Tell the master this worker is alive while its model loads (uvicorn's own heartbeat
+        starts with the server), so a load longer than Gunicorn's timeout is not a hung worker."""
+        while not server.started:
+            self.notify()
+            await asyncio.sleep(1.0)

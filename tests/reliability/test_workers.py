@@ -1,7 +1,8 @@
 """Gunicorn with two workers, as the production Compose file runs it (`api.gunicorn_conf`).
 
-Metrics are aggregated over the workers (a scrape finds N requests, not N/2), and a worker killed
-under load is replaced: requests on it fail fast, none hangs, and the new worker is ready soon.
+Metrics are aggregated over the workers (a scrape finds N requests, not N/2), a worker killed
+under load is replaced: requests on it fail fast, none hangs, and the new worker is ready soon, and
+a worker whose model is still loading takes no connections (no request is answered "loading").
 """
 
 from __future__ import annotations
@@ -106,3 +107,25 @@ def test_killed_worker_is_replaced_and_nothing_hangs(two_workers: ServerProcess,
     assert len(failed) <= 6, f"{len(failed)} failed requests: only those on the killed worker may fail"
     assert _predict_many(two_workers.url, chelsea_jpeg, 10) == ["200"] * 10
     assert _samples(two_workers)["cat_breeds_api_model_ready"] == 1.0  # the dead worker's gauge is gone
+
+
+def test_requests_sent_while_workers_load_wait_for_a_ready_one(
+    tiny_checkpoint: Path, tmp_path: Path, chelsea_jpeg: bytes
+) -> None:
+    env = {"API_CHECKPOINT_PATH": tiny_checkpoint, "API_MODEL_NAME": "test_resnet", "WEB_CONCURRENCY": 2}
+    with served_process(GUNICORN, tmp_path, ready=False, **env) as server:
+        statuses, sent_while_loading = [], 0
+        while len(_ready_pids(server)) < 2:
+            loading = not _ready_pids(server)
+            try:
+                response = httpx.post(server.url + PREDICT, files={"file": chelsea_jpeg}, timeout=60)
+            except httpx.ConnectError:  # the master has not bound the port yet
+                assert server.process.poll() is None, server.log()[-3000:]
+                time.sleep(0.05)
+                continue
+            statuses.append(response.status_code)
+            sent_while_loading += loading
+        assert sent_while_loading >= 1, "no request was sent before a worker was ready: the check proved nothing"
+        # sent while both models were loading, each waited for a ready worker instead of a 503 "loading"
+        assert set(statuses) == {200}, statuses
+        assert server.stop() == 0
