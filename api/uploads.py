@@ -63,7 +63,7 @@ async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -
     except PayloadTooLarge:
         raise
     except Exception as error:  # python-multipart / starlette raise several types for broken bodies
-        raise InvalidImage(f"malformed multipart body: {error}", code="invalid_multipart") from None
+        raise InvalidImage(f"malformed multipart body: {_root_cause(error)}", code="invalid_multipart") from None
     try:
         values = form.getlist(FIELD)
         files = [value for value in values if isinstance(value, UploadFile)]
@@ -80,6 +80,22 @@ async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -
         return uploads
     finally:
         await form.close()
+
+
+def _root_cause(error: BaseException) -> str:
+    """Why the body is malformed. Starlette wraps python-multipart's own reason (e.g. "Maximum header
+    size exceeded", which a very long filename hits) in a generic "Invalid multipart data": use it."""
+    reason = str(getattr(error, "detail", None) or error)
+    inner: BaseException | None = error
+    while inner is not None:
+        if type(inner).__module__.split(".")[0] in ("python_multipart", "multipart"):
+            reason = str(inner)
+            break
+        inner = inner.__cause__ or inner.__context__
+    reason = reason.strip().rstrip(".")
+    if "header size" in reason.lower():
+        reason += " (a part's headers, the filename included, must stay under 4 KiB)"
+    return reason or type(error).__name__
 
 
 def _read_base64(body: bytes, *, max_bytes: int) -> Upload:

@@ -188,3 +188,24 @@ def test_streamed_body_past_the_limit_is_cut_off(tiny_server: str) -> None:
     response = httpx.post(tiny_server + PREDICT, content=chunks(), headers={"content-type": "image/jpeg"}, timeout=30)
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+@pytest.mark.parametrize(
+    ("name", "content_type", "body", "reason"),
+    [
+        ("filename", None, None, "Maximum header size exceeded (a part's headers, the filename included"),
+        ("boundary", "multipart/form-data", b"--x\r\nbroken", "Missing boundary in multipart"),
+    ],
+)
+def test_malformed_multipart_says_why(
+    tiny_server: str, photo: bytes, name: str, content_type: str | None, body: bytes | None, reason: str
+) -> None:
+    """The parser's own reason, not Starlette's generic "Invalid multipart data"."""
+    if body is None:  # a 5000-character filename: past python-multipart's 4 KiB limit on part headers
+        response = httpx.post(tiny_server + PREDICT, files={"file": ("c" * 4996 + ".jpg", photo, "image/jpeg")})
+    else:
+        response = httpx.post(tiny_server + PREDICT, content=body, headers={"content-type": content_type or ""})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "invalid_multipart"
+    assert error["message"].startswith(f"malformed multipart body: {reason}"), error
