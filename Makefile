@@ -25,7 +25,8 @@ demo-model: $(STAMP)
 	$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR)
 
 # Serve API_CHECKPOINT_PATH (environment or .env); with none configured, the embedded demo model.
-# The demo folder carries its own architecture, classes and labels, so model settings are unset for it.
+# Model settings left unset defer to what the checkpoint records (.env.example leaves them unset); for
+# the demo, any an operator pinned in .env for their own model are set aside.
 run: $(STAMP)
 	@export MALLOC_ARENA_MAX=2; \
 	if [ -z "$${API_CHECKPOINT_PATH:-}" ] && ! grep -Eqs '^[[:space:]]*API_CHECKPOINT_PATH=[^[:space:]]' .env; then \

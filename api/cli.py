@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import os
@@ -87,16 +88,37 @@ def _chunks(items: list[Path], size: int) -> Iterator[list[Path]]:
         yield items[start : start + size]
 
 
-def _predict_remote(files: list[Path], url: str, top_k: int | None, bar: tqdm) -> Iterator[Result]:
+# --- credentials, taken the way the server takes them -----------------------------------------------
+
+
+def _key_headers(args: argparse.Namespace) -> dict[str, str]:
+    """X-API-Key from --api-key, else API_API_KEY or API_API_KEY_FILE (environment or .env), as `serve` reads it."""
+    key = args.api_key
+    if key is None:
+        secret = _settings().api_key
+        key = secret.get_secret_value() if secret is not None else None
+    return {"X-API-Key": key} if key else {}
+
+
+def _refused(response: httpx.Response, endpoint: str, sent_key: bool) -> None:
+    if response.status_code == 401:
+        why = "refused the API key it was sent" if sent_key else "requires an API key"
+        _fail(f"{endpoint} {why} (401); pass --api-key, or set API_API_KEY or API_API_KEY_FILE", code=1)
+
+
+def _predict_remote(
+    files: list[Path], url: str, top_k: int | None, headers: dict[str, str], bar: tqdm
+) -> Iterator[Result]:
     endpoint = url.rstrip("/") + "/api/v1/predict"
     params = {"top_k": top_k} if top_k else {}
-    with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0)) as client:
+    with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), headers=headers) as client:
         for path in files:
             try:
                 with path.open("rb") as stream:
                     response = client.post(endpoint, params=params, files={"file": (path.name, stream)})
             except httpx.HTTPError as error:
                 _fail(f"cannot reach {endpoint}: {error}", code=1)
+            _refused(response, endpoint, bool(headers))
             body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
             if response.status_code == 200:
                 yield {"path": str(path), "predictions": body["predictions"]}
@@ -107,8 +129,6 @@ def _predict_remote(files: list[Path], url: str, top_k: int | None, bar: tqdm) -
 
 
 def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar: tqdm) -> Iterator[Result]:
-    import torch
-
     from api.main import load_configured_classifier
     from api.preprocess import decode_image
 
@@ -117,17 +137,23 @@ def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar
     except StartupError as error:
         _fail(str(error), code=1)
     k = top_k or settings.top_k
+    reduce_to = classifier.resize_short_side if settings.reduced_decode else None
     for chunk in _chunks(files, LOCAL_BATCH):
-        tensors, kept, results = [], [], {}
+        items, kept, results = [], [], {}
         for path in chunk:
-            try:
-                decoded = decode_image(path.read_bytes(), max_pixels=settings.max_image_pixels)
-                tensors.append(classifier.preprocess(decoded.image))
+            try:  # the server's own decode (pixel limit, budget, reduced scale) and per-image preprocessing
+                decoded = decode_image(
+                    path.read_bytes(),
+                    max_pixels=settings.max_image_pixels,
+                    reduce_to=reduce_to,
+                    budget=settings.decode_budget,
+                )
+                items.append(classifier.prepare(decoded.image))
                 kept.append(path)
             except RequestError as error:
                 results[path] = {"path": str(path), "error": {"code": error.code, "message": error.message}}
-        if tensors:
-            scores = classifier.predict(torch.stack(tensors))
+        if items:
+            scores = classifier.predict_prepared(items)
             for row, path in enumerate(kept):
                 ranked = classifier.rank(scores[row], k)
                 results[path] = {
@@ -164,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     files = _expand(args.paths)
     with tqdm(total=len(files), unit="img", disable=len(files) < 2 or args.quiet, file=sys.stderr) as bar:
         if args.url:
-            results = list(_predict_remote(files, args.url, args.top_k, bar))
+            results = list(_predict_remote(files, args.url, args.top_k, _key_headers(args), bar))
         else:
             results = list(_predict_local(files, _settings(checkpoint_path=args.checkpoint), args.top_k, bar))
     if args.output:
@@ -216,8 +242,13 @@ def cmd_load(args: argparse.Namespace) -> None:
     import httpx
 
     data = args.image.read_bytes()
-    key = os.environ.get("API_API_KEY")
-    headers = {"X-API-Key": key} if key else {}
+    headers = _key_headers(args)
+    endpoint = args.url.rstrip("/") + "/api/v1/predict"
+    # one request first: a missing or wrong key is one clear line, not minutes of 401s (a transport
+    # error is counted below, as every other failure)
+    with contextlib.suppress(httpx.HTTPError):
+        first = httpx.post(endpoint, files={"file": (args.image.name, data)}, headers=headers, timeout=args.timeout)
+        _refused(first, endpoint, bool(headers))
     counts: Counter[str] = Counter()
     lock = threading.Lock()
     deadline = time.monotonic() + args.seconds
@@ -244,6 +275,14 @@ def cmd_load(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+def _add_key_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--api-key",
+        help="the server's API key (default API_API_KEY, or the file API_API_KEY_FILE names; "
+        "prefer those: a command line is visible to other users)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cat-breeds-api", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -262,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--format", choices=["table", "json", "csv"], default="table")
     predict.add_argument("--output", "-o", type=Path, help="write results here instead of stdout")
     predict.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    _add_key_argument(predict)
     predict.set_defaults(func=cmd_predict)
 
     doctor = commands.add_parser("doctor", help="preflight for the Docker Compose deployment (reads .env)")
@@ -275,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--seconds", type=float, default=120.0, help="how long (default 120)")
     load.add_argument("--concurrency", type=int, default=4, help="clients at once (default 4)")
     load.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
+    _add_key_argument(load)
     load.set_defaults(func=cmd_load)
 
     demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")

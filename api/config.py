@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from api.decode_budget import DEFAULT_BUDGET_MP, DecodeBudget
 from api.errors import ConfigError
 
 ENV_PREFIX = "API_"
@@ -113,6 +114,13 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest accepted canvas (width x height), checked before decoding."
     )
+    decode_budget_mp: float = Field(
+        DEFAULT_BUDGET_MP,
+        ge=1,
+        le=1000,
+        description="Most one upload may cost to decode and preprocess, in memory and in work: what a photo "
+        "of this many megapixels costs as a JPEG at full scale; costlier uploads get 413 (api/decode_budget.py).",
+    )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
     graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
     shutdown_delay_s: float = Field(
@@ -188,6 +196,10 @@ class Settings(BaseSettings):
                 raise ValueError("API_API_KEY and API_API_KEY_FILE are both set; keep one")
             self.api_key = SecretStr(self.api_key_file.read_text().strip())
         return self
+
+    @property
+    def decode_budget(self) -> DecodeBudget:
+        return DecodeBudget(self.decode_budget_mp)
 
     @property
     def max_upload_bytes(self) -> int:

@@ -148,11 +148,12 @@ def _log_ready(classifier: Classifier, settings: Settings) -> None:
         "request_timeout_s": settings.request_timeout_s,
         "max_upload_mb": settings.max_upload_mb,
         "max_image_pixels": settings.max_image_pixels,
+        "decode_budget_mb": round(settings.decode_budget.allowance.memory_mb),
         "api_key": "set" if settings.api_key is not None else "not set",
     }
     logger.info(
         "model ready: %s, %d classes (labels: %s), %s %s on %s, loaded and warmed up in %.2fs; "
-        "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB, API key %s",
+        "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB (decode <= %d MB), API key %s",
         summary["model"],
         summary["classes"],
         summary["labels"],
@@ -164,6 +165,7 @@ def _log_ready(classifier: Classifier, settings: Settings) -> None:
         settings.max_queue,
         settings.request_timeout_s,
         settings.max_upload_mb,
+        summary["decode_budget_mb"],
         summary["api_key"],
         extra=summary,
     )
@@ -246,11 +248,6 @@ def _add_error_handlers(app: FastAPI) -> None:
             str(error.detail),
             getattr(error, "headers", None),
         )
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        logger.error("unhandled error on %s %s", request.method, request.url.path, exc_info=error)
-        return _error(500, "internal_error", "internal server error")
 
 
 def app_from_environment() -> FastAPI:

@@ -11,6 +11,8 @@ parts of every arena, so a burst does not leave the process at its peak. The are
 capped by MALLOC_ARENA_MAX (image, `make run`): decode threads would each keep an arena of freed
 image buffers.
 
+The decode pool also hands memory back after each costly upload (`release_after_decode`).
+
 Operators' own glibc variables (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_, GLIBC_TUNABLES)
 win; `keep_mb=0` leaves glibc's defaults. Not glibc (macOS, musl): nothing to do.
 """
@@ -42,8 +44,15 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
+# Set once `keep_freed_memory` has raised the thresholds: the operator chose to keep freed memory.
+_keeping = False
+# An upload priced above this (a canvas of about 4 megapixels) hands its freed memory back when done.
+RELEASE_AFTER_BYTES = 16 * 1024 * 1024
+
+
 def keep_freed_memory(keep_mb: int) -> str:
     """Let the heap keep up to `keep_mb` of freed memory between passes; says what was done."""
+    global _keeping
     if _LIBC is None:
         return "heap policy: not glibc, allocator defaults"
     chosen = [name for name in OPERATOR_VARIABLES if os.environ.get(name)]
@@ -54,6 +63,7 @@ def keep_freed_memory(keep_mb: int) -> str:
     trim = keep_mb * 1024 * 1024
     if not (_LIBC.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX) and _LIBC.mallopt(M_TRIM_THRESHOLD, trim)):
         return "heap policy: glibc refused mallopt, allocator defaults"
+    _keeping = True
     return f"heap policy: keep up to {keep_mb} MB freed while busy, trimmed after a quiet second"
 
 
@@ -62,3 +72,16 @@ def release_free_memory() -> bool:
     if _LIBC is None:
         return False
     return bool(_LIBC.malloc_trim(0))
+
+
+def release_after_decode(priced_bytes: int) -> bool:
+    """After a costly upload (decoded, or failed part-way), return the heap memory it freed.
+
+    glibc raises its mmap threshold as large blocks are freed, so image buffers soon come from the
+    heap, and freed ones stay resident until trimmed: over thousands of odd uploads that read as a
+    leak of tens of MB. A trim costs a few milliseconds, so only uploads priced above
+    RELEASE_AFTER_BYTES pay it, and not when the operator keeps freed memory (API_HEAP_KEEP_MB).
+    """
+    if _keeping or priced_bytes < RELEASE_AFTER_BYTES:
+        return False
+    return release_free_memory()

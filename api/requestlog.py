@@ -3,7 +3,8 @@
 `X-Request-ID` is honoured when the client sends a sane one (else generated) and echoed on every
 response, errors included, so a user's report can be matched to the log line. Each request is
 logged once with structured fields (id, method, path, status, latency, batch size), which the JSON
-log format writes as one object per line; health and metrics probes at DEBUG.
+log format writes as one object per line; health and metrics probes at DEBUG. An unhandled error is
+logged here once, at ERROR with the request id, and answered as a generic 500.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ import time
 import uuid
 
 from starlette.datastructures import MutableHeaders
+from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.logs import REQUEST_ID
+
 logger = logging.getLogger("api.access")
+errors = logging.getLogger(__name__)
+_INTERNAL_ERROR = JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, 500)
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET = ("/health", "/metrics")
@@ -41,8 +47,9 @@ class RequestLogMiddleware:
             return
         request_id = request_id_from(scope)
         scope.setdefault("state", {})["request_id"] = request_id
+        token = REQUEST_ID.set(request_id)  # every record written while serving it carries the id
         started = time.perf_counter()
-        status = 500  # what the client sees when the app fails before answering
+        status = 0  # until the answer starts
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -53,6 +60,15 @@ class RequestLogMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            # A fault of ours: one ERROR record (traceback, request id), a generic 500 without details.
+            # Handled here, inside the request's context, so the server does not log it a second time.
+            errors.exception(
+                "unhandled error on %s %s", scope.get("method"), scope.get("path"), extra={"request_id": request_id}
+            )
+            if status:
+                raise  # half-answered: only dropping the connection is left
+            await _INTERNAL_ERROR(scope, receive, send_with_id)
         finally:
             path = scope.get("path", "")
             fields = {
@@ -70,3 +86,4 @@ class RequestLogMiddleware:
             level = logging.DEBUG if path.startswith(_QUIET) else logging.INFO
             message = f"{fields['method']} {path} {status} {fields['latency_ms']}ms id={request_id}"
             logger.log(level, message, extra=fields)
+            REQUEST_ID.reset(token)

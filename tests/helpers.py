@@ -20,6 +20,7 @@ import numpy as np
 import timm
 import torch
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image
 
 from api.config import Settings
@@ -53,13 +54,15 @@ def tiny_model(name: str = "test_resnet", num_classes: int = 5, seed: int = 0) -
 
 
 @contextmanager
-def running_server(settings: Settings, *, wait_ready: bool = True, timeout_s: float = 60.0) -> Iterator[str]:
-    """Serve `create_app(settings)` with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
+def running_server(
+    settings: Settings, *, wait_ready: bool = True, timeout_s: float = 60.0, app: FastAPI | None = None
+) -> Iterator[str]:
+    """Serve `create_app(settings)` (or `app`) with uvicorn on 127.0.0.1 in a thread; yield its base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = create_app(settings, exit_on_load_failure=False)
+    app = app or create_app(settings, exit_on_load_failure=False)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import time
 from typing import Annotated, Any
 
@@ -13,9 +15,10 @@ from api.batching import BatchRun, Prepared
 from api.config import Settings
 from api.deps import MetricsDep, SettingsDep, StateDep, require_api_key
 from api.errors import RequestError
+from api.memory import release_after_decode
 from api.metrics import Metrics
 from api.model import Classifier
-from api.preprocess import DecodedImage, decode_image
+from api.preprocess import decode_image
 from api.schemas import (
     Base64Image,
     BatchItem,
@@ -41,7 +44,11 @@ TopK = Annotated[
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or undecodable image, bad base64/JSON."},
     401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
-    413: {"model": ErrorResponse, "description": "Upload over API_MAX_UPLOAD_MB or canvas over API_MAX_IMAGE_PIXELS."},
+    413: {
+        "model": ErrorResponse,
+        "description": "Upload over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
+        "than API_DECODE_BUDGET_MP.",
+    },
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
     422: {"model": ErrorResponse, "description": "No file in the request, or a bad query parameter."},
     503: {"model": ErrorResponse, "description": "Over capacity (API_MAX_QUEUE) or model not ready; see Retry-After."},
@@ -77,22 +84,32 @@ def _identity(classifier: Classifier) -> ModelIdentity:
     )
 
 
-def _prepare(upload: Upload, classifier: Classifier, settings: Settings) -> tuple[DecodedImage, Prepared]:
+def _prepare(upload: Upload, classifier: Classifier, settings: Settings) -> tuple[ImageInfo, Prepared]:
+    """Decode + per-image preprocessing. Only the model's input and the image's description leave
+    the pool: a queued request holds its 224x224 pixels, never its decoded canvas."""
     reduce_to = classifier.resize_short_side if settings.reduced_decode else None
-    decoded = decode_image(upload.data, max_pixels=settings.max_image_pixels, reduce_to=reduce_to)
-    return decoded, classifier.prepare(decoded.image)
+    decoded = decode_image(
+        upload.data, max_pixels=settings.max_image_pixels, reduce_to=reduce_to, budget=settings.decode_budget
+    )
+    info = ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format)
+    prepared = classifier.prepare(decoded.image)
+    priced = decoded.cost.memory
+    del decoded
+    release_after_decode(priced)
+    return info, prepared
 
 
-async def _decode(serving: Serving, upload: Upload, settings: Settings) -> tuple[DecodedImage, Prepared]:
+async def _decode(serving: Serving, upload: Upload, settings: Settings) -> tuple[ImageInfo, Prepared]:
     """Decode + preprocess in the decode pool (sized from the CPU quota), never on the event loop."""
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(serving.decoder, _prepare, upload, serving.classifier, settings)
+    job = functools.partial(contextvars.copy_context().run, _prepare, upload, serving.classifier, settings)
+    return await loop.run_in_executor(serving.decoder, job)  # in the request's context: its id on any record
 
 
-def _prediction(classifier: Classifier, decoded: DecodedImage, scores: torch.Tensor, top_k: int) -> Prediction:
+def _prediction(classifier: Classifier, info: ImageInfo, scores: torch.Tensor, top_k: int) -> Prediction:
     return Prediction(
         predictions=[Label(index=i, label=name, score=score) for i, name, score in classifier.rank(scores, top_k)],
-        image=ImageInfo(width=decoded.width, height=decoded.height, format=decoded.format),
+        image=info,
     )
 
 
@@ -120,7 +137,7 @@ async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files
 
 async def _decode_timed(
     serving: Serving, upload: Upload, settings: Settings, metrics: Metrics
-) -> tuple[DecodedImage, Prepared]:
+) -> tuple[ImageInfo, Prepared]:
     started = time.perf_counter()
     result = await _decode(serving, upload, settings)
     metrics.stage.labels("decode").observe(time.perf_counter() - started)
@@ -156,7 +173,7 @@ async def predict(
         # Admission first: over capacity is answered (503) before the body is even read.
         with serving.batcher.admit(1) as ticket:
             uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=1)
-            decoded, tensor = await _decode_timed(serving, uploads[0], settings, metrics)
+            info, tensor = await _decode_timed(serving, uploads[0], settings, metrics)
             prepared = time.perf_counter()
             scores, runs = await serving.batcher.predict(ticket, [tensor], deadline=deadline)
     except RequestError as error:
@@ -164,7 +181,7 @@ async def predict(
         raise
     _record(metrics, "ok")
     seconds = _observe(request, metrics, runs)
-    result = _prediction(classifier, decoded, scores[0], top_k or settings.top_k)
+    result = _prediction(classifier, info, scores[0], top_k or settings.top_k)
     return PredictResponse(
         predictions=result.predictions,
         image=result.image,
@@ -192,7 +209,7 @@ async def predict_batch(
     uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
     items = [BatchItem(filename=u.filename, ok=False) for u in uploads]
 
-    async def prepare(upload: Upload) -> tuple[DecodedImage, Prepared] | RequestError:
+    async def prepare(upload: Upload) -> tuple[ImageInfo, Prepared] | RequestError:
         try:
             return await _decode_timed(serving, upload, settings, metrics)
         except RequestError as error:
@@ -220,7 +237,7 @@ async def predict_batch(
         _record(metrics, error.code, len(uploads))
         raise
     _record(metrics, "ok", len(ready))
-    for row, (item, decoded, _) in enumerate(ready):
+    for row, (item, info, _) in enumerate(ready):
         item.ok = True
-        item.result = _prediction(classifier, decoded, scores[row], top_k or settings.top_k)
+        item.result = _prediction(classifier, info, scores[row], top_k or settings.top_k)
     return BatchResponse(results=items, model=_identity(classifier), timing=_timing(started, prepared, seconds))

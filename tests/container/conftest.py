@@ -160,10 +160,8 @@ def _base_env(models: Path) -> dict[str, str]:
         "IMAGE_TAG": f"test-{RUN_ID}",
         "BASE_IMAGE": os.environ.get("CAT_BREEDS_BASE_IMAGE", "python:3.11-slim-bookworm"),
         "MODELS_DIR": str(models),
+        # the demo folder records its own architecture, classes and input size: nothing else is set
         "API_CHECKPOINT_PATH": "/app/models",
-        "API_MODEL_NAME": "tf_efficientnet_lite0",
-        "API_NUM_CLASSES": "1000",
-        "API_IMAGE_SIZE": "",
         "API_PORT": str(free_port()),
         # a 2-CPU host refuses the default cpus: 4 limit, as a user's small machine would
         "CPU_LIMIT": f"{cpus:.1f}",

@@ -129,3 +129,21 @@ def test_requests_sent_while_workers_load_wait_for_a_ready_one(
         # sent while both models were loading, each waited for a ready worker instead of a 503 "loading"
         assert set(statuses) == {200}, statuses
         assert server.stop() == 0
+
+
+def test_each_record_is_written_once(two_workers: ServerProcess, chelsea_jpeg: bytes) -> None:
+    """One owner of logging per process: N requests, N access lines; one `ready` line per worker."""
+    count = 24
+    assert _predict_many(two_workers.url, chelsea_jpeg, count) == ["200"] * count
+
+    def access() -> list[dict]:
+        return [r for r in two_workers.records() if r.get("event") == "request" and r.get("path") == PREDICT]
+
+    eventually(lambda: len(access()) >= count, what="every request logged")
+    lines = access()
+    assert len(lines) == count, f"{len(lines)} access lines for {count} requests"
+    assert len({line["request_id"] for line in lines}) == count
+    ready = [r["pid"] for r in two_workers.records() if r.get("event") == "ready"]
+    assert len(ready) == 2 and len(set(ready)) == 2, f"ready events by pid: {ready}"
+    raw = two_workers.log().splitlines()
+    assert len(raw) == len(set(raw)), "a line was written twice"

@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import Compose
 
 from api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from api.preprocess import build_transform, decode_image, to_rgb
-from tests.helpers import jpeg_bytes, tiny_model
+from tests.helpers import jpeg_bytes, png_bytes, tiny_model
 
 LIMIT = 50_000_000
 
@@ -160,3 +161,76 @@ def test_small_images_and_pngs_are_not_reduced(chelsea: Image.Image) -> None:
     big_png = io.BytesIO()
     chelsea.resize((1804, 1200)).save(big_png, format="PNG")
     assert decode_image(big_png.getvalue(), max_pixels=LIMIT, reduce_to=256).image.size == (1804, 1200)
+
+
+def _resnet50_split():  # type: ignore[no-untyped-def]
+    import timm
+
+    from api.preprocess import split_transform
+
+    with torch.device("meta"):
+        model = timm.create_model("resnet50", pretrained=False)
+    transform, _ = build_transform(model, image_size=None)
+    return transform, split_transform(transform)
+
+
+@pytest.mark.parametrize(
+    "size", [(451, 300), (300, 451), (224, 224), (235, 235), (4000, 3000), (1000, 235), (3290, 235), (11_000, 800)]
+)
+def test_ordinary_shapes_get_timms_exact_pixels(chelsea: Image.Image, size: tuple[int, int]) -> None:
+    """Photos and panoramas up to about 15:1 go through timm's own resize and crop, bit for bit."""
+    transform, split = _resnet50_split()
+    image = chelsea.resize(size, Image.Resampling.BILINEAR)
+    expected = np.asarray(Compose(transform.transforms[:2])(image))
+    np.testing.assert_array_equal(split.pixels(image), expected)
+
+
+@pytest.mark.parametrize("size", [(8000, 300), (300, 8000), (20_000, 240)])
+def test_extreme_shapes_resize_only_the_crop_and_agree_with_timm(chelsea: Image.Image, size: tuple[int, int]) -> None:
+    """Past the exact limit only the cropped region is resized: the same image to rounding."""
+    from api.preprocess import EXACT_RESIZE_LIMIT
+
+    transform, split = _resnet50_split()
+    image = chelsea.resize(size, Image.Resampling.BILINEAR)
+    width, height = split.pil.resized_size(image)
+    assert width * height > EXACT_RESIZE_LIMIT * 224 * 224  # this shape takes the bounded path
+    expected = np.asarray(Compose(transform.transforms[:2])(image)).astype(int)
+    got = split.pixels(image).astype(int)
+    assert got.shape == expected.shape == (224, 224, 3)
+    assert np.abs(got - expected).max() <= 2 and np.abs(got - expected).mean() < 0.1
+
+
+def test_a_50000x1_strip_costs_what_its_crop_costs() -> None:
+    """The strip the issue found: scaled up, its resized image would be 11,750,000 x 235 pixels."""
+    _, split = _resnet50_split()
+    strip = Image.new("RGB", (50_000, 1), (200, 30, 30))
+    assert split.pil.resized_size(strip) == (11_750_000, 235)
+    pixels = split.pixels(strip)
+    assert pixels.shape == (224, 224, 3) and (pixels == (200, 30, 30)).all()
+
+
+def test_budget_allows_a_photo_and_refuses_from_the_header(chelsea: Image.Image) -> None:
+    from api.decode_budget import DecodeBudget, ImageFacts, estimate, reference_photo
+
+    budget = DecodeBudget(20)
+    assert budget.check(reference_photo(12)).memory < budget.allowance.memory
+    # cost grows with what the decoder would allocate: mode, decoder buffers, rotation, scans
+    plain = ImageFacts("PNG", "RGB", 4000, 3000, 4000, 3000)
+    assert estimate(ImageFacts("PNG", "RGBA", 4000, 3000, 4000, 3000)).memory > estimate(plain).memory
+    assert estimate(ImageFacts("PNG", "RGB", 4000, 3000, 4000, 3000, rotated=True)).memory > estimate(plain).memory
+    assert estimate(ImageFacts("WEBP", "RGB", 4000, 3000, 4000, 3000)).memory > estimate(plain).memory
+    scans = ImageFacts("JPEG", "L", 4000, 3000, 500, 375, jpeg_samples=12_000_000, jpeg_scans=2000)
+    with pytest.raises(ImageTooLarge, match=r"2000 scans.*API_DECODE_BUDGET_MP"):
+        budget.check(scans)
+    with pytest.raises(ImageTooLarge, match="MP or less"):
+        decode_image(png_bytes(Image.new("RGBA", (5000, 5000), (1, 2, 3, 4))), max_pixels=LIMIT, budget=DecodeBudget(5))
+    assert decode_image(jpeg_bytes(chelsea), max_pixels=LIMIT, budget=DecodeBudget(1)).width == 451
+
+
+def test_alpha_is_composited_as_before(chelsea: Image.Image) -> None:
+    """One RGB canvas pasted through the alpha mask: the pixels alpha_composite onto white gave."""
+    rgba = chelsea.convert("RGBA")
+    rgba.putalpha(Image.linear_gradient("L").resize(chelsea.size))
+    white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    np.testing.assert_array_equal(np.asarray(to_rgb(rgba)), expected)
