@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from api.errors import ImageTooLarge
 
-DEFAULT_BUDGET_MP = 20.0
+DEFAULT_BUDGET_MP = 22.0
 
 # Pillow's storage: 1 byte per pixel for these modes, 2 for 16-bit gray, 4 for everything else
 # (RGB is stored as RGBX).
@@ -41,8 +41,8 @@ WITH_ALPHA = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # Work per decoded pixel, in full-scale baseline JPEG pixels (JPEG itself is priced from its scans,
 # below), by format and variant; measured, then rounded up. PNG and TIFF inflate their raw
 # samples, so they are priced per raw byte (an Adam7-interlaced PNG makes seven passes).
-_WORK_PER_PIXEL = {("WEBP", ""): 4.5, ("WEBP", "lossless"): 7.5, ("AVIF", ""): 3.0, ("GIF", ""): 1.2, ("BMP", ""): 0.4}
-_WORK_PER_RAW_BYTE = {("PNG", ""): 1.1, ("PNG", "interlaced"): 1.45, ("TIFF", ""): 1.0}
+_WORK_PER_PIXEL = {("WEBP", ""): 4.5, ("WEBP", "lossless"): 7.5, ("AVIF", ""): 3.6, ("GIF", ""): 1.2, ("BMP", ""): 0.4}
+_WORK_PER_RAW_BYTE = {("PNG", ""): 1.3, ("PNG", "interlaced"): 1.35, ("TIFF", ""): 1.0}
 # What the decoder holds beside the canvas, per decoded pixel: libwebp's animation decoder keeps
 # two RGBA canvases and hands the frame over as a third copy; libavif's planes (4:4:4, 16-bit).
 _DECODER_BYTES_PER_PIXEL = {"WEBP": 12, "AVIF": 6}
@@ -84,7 +84,7 @@ class Cost:
 
     @property
     def memory_mb(self) -> float:
-        return self.memory / 1024**2
+        return self.memory / 1e6
 
 
 @dataclass(frozen=True)

@@ -232,12 +232,17 @@ def measure(name: str, data: bytes, *, reduced: bool = True, model_name: str = "
     return Measured(name, len(data), cpu_s, peak_mb, outcome)
 
 
+def least(runs: list[Measured]) -> Measured:
+    """The least CPU time and peak of a few runs of one file: the estimate least disturbed by the
+    rest of a shared machine (the same for the reference and every file)."""
+    return Measured(
+        runs[0].name, runs[0].size, min(r.cpu_s for r in runs), min(r.peak_mb for r in runs), runs[-1].outcome
+    )
+
+
 def reference(files: dict[str, bytes], repeats: int = 3) -> Measured:
-    """The reference photo at full scale (no reduced decode), the median of a few fresh processes."""
-    runs = sorted((measure(REFERENCE, files[REFERENCE], reduced=False) for _ in range(repeats)), key=lambda m: m.cpu_s)
-    peak = sorted(m.peak_mb for m in runs)[len(runs) // 2]
-    middle = runs[len(runs) // 2]
-    return Measured(REFERENCE, middle.size, middle.cpu_s, peak, middle.outcome)
+    """The reference photo at full scale (no reduced decode), in a few fresh processes."""
+    return least([measure(REFERENCE, files[REFERENCE], reduced=False) for _ in range(repeats)])
 
 
 def table(rows: list[Measured], ref: Measured) -> str:

@@ -238,3 +238,35 @@ def test_10_missing_checkpoint_never_reports_healthy(make_stack: Callable[..., S
         assert broken.inspect()["RestartCount"] >= 1  # it exited (status 3) and the policy retried
     finally:
         broken.down()
+
+
+_FILE_SETS = {
+    "base": ["docker-compose.yml", "docker-compose.cpu.yml"],
+    "prod": ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.prod.yml"],
+    "dev": ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.override.yml"],
+}
+
+
+@pytest.mark.parametrize("file_set", list(_FILE_SETS))
+def test_11_each_file_set_serves_what_the_checkpoint_records(
+    make_stack: Callable[..., Stack], workdir: Path, file_set: str
+) -> None:
+    """A checkpoint recording test_resnet / 5 classes / 128 px, and no model setting anywhere."""
+    from tests.deploy.test_model_defaults import RECORDED, write_recorded_checkpoint
+
+    models = workdir / "recorded"
+    if not models.exists():
+        write_recorded_checkpoint(models)
+        for path in [models, *models.iterdir()]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    stack = make_stack(f"recorded{file_set}", _FILE_SETS[file_set], MODELS_DIR=str(models))
+    stack.env["API_PORT_RANGE"] = stack.env["API_PORT"]
+    stack.env["DEBUGPY_PORT"] = str(free_port())
+    try:
+        stack.up()
+        stack.wait_healthy()
+        info = stack.get("/api/v1/model").json()
+        assert (info["architecture"], info["num_classes"], tuple(info["preprocessing"]["input_size"])) == RECORDED
+        assert info["class_names"] == ["abyssinian", "bengal", "birman", "bombay", "persian"]
+    finally:
+        stack.down()

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from api.config import Settings
-from tests.adversarial import BOUND, REFERENCE, Measured, corpus, measure, reference, table
+from tests.adversarial import BOUND, REFERENCE, Measured, corpus, least, measure, reference, table
 from tests.helpers import CLI, served_process
 
 # Ordinary photos in every format: the budget must let them through, not only refuse bombs.
@@ -46,16 +46,17 @@ def ref(files: dict[str, bytes]) -> Measured:
     return reference(files)
 
 
-def _least(name: str, data: bytes, ref: Measured) -> Measured:
-    """CPU time is noisy on a shared 2-core machine: a file near the bound is measured again (the least counts)."""
+def _measured(name: str, data: bytes, ref: Measured) -> Measured:
+    """CPU time is noisy on a shared 2-core machine: a file near the bound is measured three times,
+    as the reference is, and the least counts for both."""
     runs = [measure(name, data)]
-    while len(runs) < 3 and max(runs[-1].cpu_s / ref.cpu_s, runs[-1].peak_mb / ref.peak_mb) > BOUND * 0.7:
-        runs.append(measure(name, data))
-    return Measured(name, len(data), min(r.cpu_s for r in runs), min(r.peak_mb for r in runs), runs[-1].outcome)
+    if max(runs[0].cpu_s / ref.cpu_s, runs[0].peak_mb / ref.peak_mb) > BOUND * 0.7:
+        runs += [measure(name, data) for _ in range(2)]
+    return least(runs)
 
 
 def test_every_upload_costs_at_most_twice_a_12mp_photo(files: dict[str, bytes], ref: Measured) -> None:
-    rows = [_least(name, data, ref) for name, data in files.items() if name != REFERENCE]
+    rows = [_measured(name, data, ref) for name, data in files.items() if name != REFERENCE]
     report = table(rows, ref)
     print("\n" + report)
     over = [r.name for r in rows if r.cpu_s > BOUND * ref.cpu_s or r.peak_mb > BOUND * ref.peak_mb]
@@ -87,7 +88,7 @@ def test_a_larger_budget_lets_costlier_images_through(files: dict[str, bytes]) -
 
     data = files["photo_12mp.webp"]
     with pytest.raises(Exception, match="API_DECODE_BUDGET_MP"):
-        decode_image(data, max_pixels=50_000_000, budget=DecodeBudget(20))
+        decode_image(data, max_pixels=50_000_000, budget=DecodeBudget(22))
     assert decode_image(data, max_pixels=50_000_000, budget=DecodeBudget(40)).image.size == (4000, 3000)
 
 
@@ -127,7 +128,7 @@ def test_a_burst_of_costly_uploads_leaves_the_server_up_and_bounded(
         answer = httpx.post(server.url + "/api/v1/predict", files={"file": ("cat.jpg", chelsea_jpeg)}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"]
     # At most `threads` uploads decode at once, each within the budget; the bodies are held meanwhile.
-    budget_mb = Settings(_env_file=None).decode_budget.allowance.memory_mb
+    budget_mb = Settings(_env_file=None).decode_budget.allowance.memory / 1024**2  # MiB, as the peak
     bodies_mb = sum(len(files[name]) for name in costly) / 1024**2
     bound_mb = threads * budget_mb + 2 * bodies_mb + 64
     print(f"\nburst of {queue}: {statuses}; peak {peak_mb:.0f} MB above the idle server (bound {bound_mb:.0f} MB)")

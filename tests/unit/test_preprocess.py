@@ -212,7 +212,7 @@ def test_a_50000x1_strip_costs_what_its_crop_costs() -> None:
 def test_budget_allows_a_photo_and_refuses_from_the_header(chelsea: Image.Image) -> None:
     from api.decode_budget import DecodeBudget, ImageFacts, estimate, reference_photo
 
-    budget = DecodeBudget(20)
+    budget = DecodeBudget(22)
     assert budget.check(reference_photo(12)).memory < budget.allowance.memory
     # cost grows with what the decoder would allocate: mode, decoder buffers, rotation, scans
     plain = ImageFacts("PNG", "RGB", 4000, 3000, 4000, 3000)
