@@ -147,16 +147,7 @@ def decode_image(
                 scale = reduce_to / min(width, height)
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
             cost = budget.check(image_facts(image, data, (width, height)))
-        except (
-            OSError,
-            ValueError,
-            SyntaxError,
-            EOFError,
-            TypeError,
-            KeyError,
-            IndexError,
-            ZeroDivisionError,
-        ) as error:
+        except (*_CORRUPT, TypeError, KeyError, IndexError, ZeroDivisionError) as error:
             # header fields that make no sense (a zero sampling factor, a tile size of the wrong type)
             raise InvalidImage(f"corrupt image header: {error or type(error).__name__}") from None
         try:
