@@ -102,8 +102,12 @@ def _open_formats() -> tuple[str, ...]:
     return tuple(fmt for fmt in ALLOWED_FORMATS if fmt in Image.OPEN)
 
 
+def _is_webp(data: bytes) -> bool:
+    return data[:4] == b"RIFF" and data[8:12] == b"WEBP"
+
+
 def _looks_like_image(data: bytes) -> bool:
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+    if _is_webp(data):
         return True
     if data[4:12] in (b"ftypavif", b"ftypavis"):
         return True
@@ -175,7 +179,7 @@ def _check_canvas(width: int, height: int, max_pixels: int) -> None:
 def _check_before_open(data: bytes, max_pixels: int, budget: DecodeBudget) -> None:
     """libwebp allocates its canvases when the file is opened, so a WebP is priced from its header
     first: as RGB, the least it can cost (the full price is checked once it is open)."""
-    if not (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
+    if not _is_webp(data):
         return
     size = WebPImagePlugin._get_size(data[:30])
     if size is None:
@@ -378,7 +382,7 @@ class ResizeCrop:
 
     def __call__(self, image: Image.Image) -> Image.Image:
         width, height = self.resized_size(image)
-        crop_h, crop_w = _pair(self.crop.size)
+        crop_h, crop_w = self.crop.size  # both crop steps keep it as (height, width)
         if width * height <= EXACT_RESIZE_LIMIT * crop_w * crop_h:
             return self.crop(self.resize(image))
         if width < crop_w or height < crop_h:  # padding a huge strip: no ordinary photo is shaped so
@@ -391,12 +395,6 @@ class ResizeCrop:
         scale_x, scale_y = image.width / width, image.height / height
         box = (left * scale_x, top * scale_y, (left + crop_w) * scale_x, (top + crop_h) * scale_y)
         return image.resize((crop_w, crop_h), self.resample, box=box)
-
-
-def _pair(size: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    if isinstance(size, int):
-        return size, size
-    return (size[0], size[0]) if len(size) == 1 else (size[0], size[1])
 
 
 def _resize_crop(steps: list[Any]) -> ResizeCrop | None:
