@@ -16,7 +16,7 @@ import httpx
 from tqdm import tqdm
 
 from api.config import Settings, load_settings
-from api.errors import CatBreedsError, RequestError, StartupError
+from api.errors import CatBreedsError, StartupError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".mpo"}
 LOCAL_BATCH = 16
@@ -44,8 +44,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from api.logs import configure_logging
-    from api.main import create_app
-    from api.server import serve
+    from api.ops.server import serve
 
     settings = _settings(host=args.host, port=args.port)
     configure_logging(settings.log_level, settings.log_dir, settings.log_format)
@@ -63,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         os.environ.update({"API_HOST": settings.host, "API_PORT": str(settings.port)})
         uvicorn.run("api.main:app", reload=True, reload_dirs=[str(Path(__file__).parent)], **common)
     else:
-        serve(create_app(settings), **common)
+        serve(settings, **common)
 
 
 # --- predict ---------------------------------------------------------------------------------------
@@ -129,40 +128,34 @@ def _predict_remote(
 
 
 def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar: tqdm) -> Iterator[Result]:
-    from api.main import load_configured_classifier
-    from api.preprocess import decode_image
+    """The server's own pipeline (api.engine.service.Engine) without HTTP: same decode limits,
+    reduced-scale decoding, runtime, batching and ranking, so a file scores as the server scores it."""
+    import asyncio
+
+    from api.engine.service import Classified, Engine
 
     try:
-        classifier = load_configured_classifier(settings)
+        engine = Engine.start(settings.model_group, settings.batching_group)
     except StartupError as error:
         _fail(str(error), code=1)
     k = top_k or settings.top_k
-    reduce_to = classifier.resize_short_side if settings.reduced_decode else None
-    for chunk in _chunks(files, LOCAL_BATCH):
-        items, kept, results = [], [], {}
-        for path in chunk:
-            try:  # the server's own decode (pixel limit, budget, reduced scale) and per-image preprocessing
-                decoded = decode_image(
-                    path.read_bytes(),
-                    max_pixels=settings.max_image_pixels,
-                    reduce_to=reduce_to,
-                    budget=settings.decode_budget,
-                )
-                items.append(classifier.prepare(decoded.image))
-                kept.append(path)
-            except RequestError as error:
-                results[path] = {"path": str(path), "error": {"code": error.code, "message": error.message}}
-        if items:
-            scores = classifier.predict_prepared(items)
-            for row, path in enumerate(kept):
-                ranked = classifier.rank(scores[row], k)
-                results[path] = {
-                    "path": str(path),
-                    "predictions": [{"index": i, "label": name, "score": score} for i, name, score in ranked],
-                }
-        for path in chunk:
-            yield results[path]
-        bar.update(len(chunk))
+    size = min(LOCAL_BATCH, settings.max_queue)
+    try:
+        for chunk in _chunks(files, size):
+            classification = asyncio.run(engine.classify_all([path.read_bytes() for path in chunk], top_k=k))
+            for path, outcome in zip(chunk, classification.outcomes, strict=True):
+                if isinstance(outcome, Classified):
+                    yield {
+                        "path": str(path),
+                        "predictions": [
+                            {"index": i, "label": name, "score": score} for i, name, score in outcome.labels
+                        ],
+                    }
+                else:
+                    yield {"path": str(path), "error": {"code": outcome.code, "message": outcome.message}}
+            bar.update(len(chunk))
+    finally:
+        engine.close()
 
 
 def _write(results: list[Result], fmt: str, out: TextIO) -> None:
@@ -206,7 +199,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> None:
-    from api.demo import write_demo_model
+    from api.ops.demo import write_demo_model
 
     try:
         path = write_demo_model(args.output, overwrite=args.force)
@@ -219,7 +212,7 @@ def cmd_demo_model(args: argparse.Namespace) -> None:
 
 
 def cmd_doctor(args: argparse.Namespace) -> None:
-    from api.doctor import run_checks
+    from api.ops.doctor import run_checks
 
     checks = run_checks(args.project, args.env_file)
     for check in checks:

@@ -7,7 +7,9 @@ to the documented fallback, so a value is only "wrong" when someone actually cho
 
 from __future__ import annotations
 
+import os
 import re
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -15,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api.decode_budget import DEFAULT_BUDGET_MP, DecodeBudget
+from api.engine.decode_budget import DEFAULT_BUDGET_MP, DecodeBudget
 from api.errors import ConfigError
 
 ENV_PREFIX = "API_"
@@ -60,8 +62,20 @@ class Settings(BaseSettings):
     multi_label: bool = Field(False, description="Sigmoid head: answer every label above the threshold.")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score threshold for multi-label models.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(
-        "fp32", description="Autocast dtype for the forward pass (fp16/bf16 pay off on GPUs)."
+    runtime: Literal["auto", "torch", "openvino"] = Field(
+        "auto",
+        description="What runs the forward pass. auto: PyTorch on CUDA/MPS; on a CPU the fastest of OpenVINO "
+        "and PyTorch for this model on this CPU, timed once and remembered in API_CACHE_DIR.",
+    )
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto",
+        description="Compute precision. auto: bf16 on CPUs with AMX or AVX512-BF16 (single-label models), "
+        "else fp32; fp16/bf16 autocast pays off on GPUs.",
+    )
+    cache_dir: Path | None = Field(
+        None,
+        description="Converted models (OpenVINO) and runtime choices, keyed by checkpoint sha256; "
+        "unset: $XDG_CACHE_HOME/cat-breeds-api or ~/.cache/cat-breeds-api (the container's cache volume).",
     )
     compile: bool = Field(False, description="torch.compile the model, warmed up for every batch size before ready.")
     cuda_graphs: bool = Field(
@@ -119,7 +133,8 @@ class Settings(BaseSettings):
         ge=1,
         le=1000,
         description="Most one upload may cost to decode and preprocess, in memory and in work: what a photo "
-        "of this many megapixels costs as a JPEG at full scale; costlier uploads get 413 (api/decode_budget.py).",
+        "of this many megapixels costs as a JPEG at full scale; costlier uploads get 413 "
+        "(api/engine/decode_budget.py).",
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
     graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
@@ -170,6 +185,7 @@ class Settings(BaseSettings):
         "num_threads",
         "api_key",
         "api_key_file",
+        "cache_dir",
         mode="before",
     )
     @classmethod
@@ -198,6 +214,43 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def model_group(self) -> ModelSettings:
+        """What the loader needs: which model, how to run it."""
+        return ModelSettings(
+            checkpoint_path=self.checkpoint_path,
+            model_name=self.model_name,
+            num_classes=self.num_classes,
+            image_size=self.image_size,
+            class_names_path=self.class_names_path,
+            use_ema=self.use_ema,
+            multi_label=self.multi_label,
+            threshold=self.threshold,
+            device=self.device,
+            runtime=self.runtime,
+            precision=self.precision,
+            compile=self.compile,
+            cuda_graphs=self.cuda_graphs,
+            max_batch_size=self.max_batch_size,
+            cache_dir=self.cache_dir if self.cache_dir is not None else default_cache_dir(),
+        )
+
+    @property
+    def batching_group(self) -> BatchingSettings:
+        """What the serving object needs: admission, batches, deadlines, threads, decoding limits."""
+        return BatchingSettings(
+            max_batch_size=self.max_batch_size,
+            max_batch_wait_s=self.max_batch_wait_ms / 1000,
+            max_queue=self.max_queue,
+            request_timeout_s=self.request_timeout_s,
+            num_threads=self.num_threads,
+            workers=self.workers,
+            heap_keep_mb=self.heap_keep_mb,
+            reduced_decode=self.reduced_decode,
+            max_image_pixels=self.max_image_pixels,
+            decode_budget=self.decode_budget,
+        )
+
+    @property
     def decode_budget(self) -> DecodeBudget:
         return DecodeBudget(self.decode_budget_mp)
 
@@ -206,11 +259,54 @@ class Settings(BaseSettings):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+@dataclass(frozen=True)
+class ModelSettings:
+    """The model group: passed to `api.engine.loader.load_classifier`."""
+
+    checkpoint_path: Path | None
+    model_name: str | None = None
+    num_classes: int | None = None
+    image_size: int | None = None
+    class_names_path: Path | None = None
+    use_ema: bool = True
+    multi_label: bool = False
+    threshold: float = 0.5
+    device: str = "auto"
+    runtime: str = "auto"
+    precision: str = "auto"
+    compile: bool = False
+    cuda_graphs: bool = True
+    max_batch_size: int = 8  # the largest batch the runtime will see (padded sizes, timed choices)
+    cache_dir: Path | None = None  # None: no cache
+
+
+@dataclass(frozen=True)
+class BatchingSettings:
+    """The batching group: passed to `api.engine.service.start_engine`."""
+
+    max_batch_size: int = 8
+    max_batch_wait_s: float = 0.005
+    max_queue: int = 64
+    request_timeout_s: float = 30.0
+    num_threads: int | None = None
+    workers: int = 1
+    heap_keep_mb: int = 0
+    reduced_decode: bool = True
+    max_image_pixels: int = 50_000_000
+    decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET_MP))
+
+
+def default_cache_dir() -> Path:
+    """$XDG_CACHE_HOME/cat-breeds-api, else ~/.cache/cat-breeds-api (/home/appuser/.cache in the image)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "cat-breeds-api"
+
+
 def _env_name(loc: tuple[int | str, ...]) -> str:
-    field = str(loc[0]).upper() if loc else "?"
-    if field in ("LOG_LEVEL", "API_LOG_LEVEL", "WEB_CONCURRENCY", "API_WORKERS"):  # reported as read
-        return field
-    return f"{ENV_PREFIX}{field}"
+    name = str(loc[0]).upper() if loc else "?"
+    if name in ("LOG_LEVEL", "API_LOG_LEVEL", "WEB_CONCURRENCY", "API_WORKERS"):  # reported as read
+        return name
+    return f"{ENV_PREFIX}{name}"
 
 
 def describe_validation_error(error: ValidationError) -> str:
@@ -228,9 +324,9 @@ def describe_validation_error(error: ValidationError) -> str:
 def environment_names() -> frozenset[str]:
     """Every environment variable the settings read: API_<FIELD>, or a field's own aliases."""
     names: set[str] = set()
-    for name, field in Settings.model_fields.items():
-        if isinstance(field.validation_alias, AliasChoices):
-            names.update(choice for choice in field.validation_alias.choices if isinstance(choice, str))
+    for name, info in Settings.model_fields.items():
+        if isinstance(info.validation_alias, AliasChoices):
+            names.update(choice for choice in info.validation_alias.choices if isinstance(choice, str))
         else:
             names.add(f"API_{name.upper()}")
     return frozenset(names)

@@ -2,7 +2,7 @@
 
     CatBreedsError
     ├── StartupError                 stops the process before it reports ready
-    │   ├── ConfigError              a setting has a bad value
+    │   ├── ConfigError              a setting has a bad value (or asks for what this host cannot run)
     │   └── ModelLoadError           the checkpoint cannot become a working classifier
     │       ├── CheckpointNotFound
     │       ├── CheckpointUnreadable
@@ -120,3 +120,9 @@ class Overloaded(ServiceUnavailable):
 class GatewayTimeout(RequestError):
     status = 504
     code = "timeout"
+
+
+def first_line(error: BaseException) -> str:
+    """An error's first line, or its type's name when it has no message (C++ traces, empty errors)."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -2,7 +2,7 @@
 
 Everything comes from the service's own settings (`API_*`, `WEB_CONCURRENCY`, `LOG_LEVEL`), so a bad
 value stops the master with the same one line as `cat-breeds-api serve`. Workers are
-`api.server.Worker` (Uvicorn, draining on SIGTERM); each loads its own model after the fork (no
+`api.ops.server.Worker` (Uvicorn, draining on SIGTERM); each loads its own model after the fork (no
 preload: CUDA is never initialised in the master) and accepts connections only once it is ready.
 Metrics are aggregated over the workers with prometheus-client's multiprocess mode, in a directory
 emptied when the master starts.
@@ -36,7 +36,7 @@ except ConfigError as error:
 
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers
-worker_class = "api.server.Worker"
+worker_class = "api.ops.server.Worker"
 # A worker answers heartbeats from its event loop, also while its model loads (off the loop), so 120 s is ample.
 timeout = 120
 # Room for the not-ready delay and the drain; Compose's stop_grace_period must exceed it.

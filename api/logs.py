@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-# The request being served, for every record written while serving it (set by api.requestlog; the
+# The request being served, for every record written while serving it (set by api.http.requestlog; the
 # decode pool runs each job in a copy of the request's context).
 REQUEST_ID: ContextVar[str | None] = ContextVar("request_id", default=None)
 

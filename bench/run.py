@@ -43,13 +43,13 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.batching import IDLE_TRIM_S
 from api.config import Settings
-from api.labels import CAT_BREEDS
-from api.memory import keep_freed_memory
-from api.model import load_classifier
-from api.preprocess import decode_image
-from api.resources import cpu_budget
+from api.engine.batching import IDLE_TRIM_S
+from api.engine.cpu import cpu_budget
+from api.engine.labels import CAT_BREEDS
+from api.engine.loader import load_classifier
+from api.engine.memory import keep_freed_memory
+from api.engine.preprocess import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_PIXELS = 50_000_000
@@ -117,7 +117,7 @@ class Ceiling:
 
     def _pipeline(self, data: bytes, batch: int, *, reduced: bool) -> None:
         # the service's own per-image and batched halves, called directly and serially
-        self.classifier.predict_prepared([self._prepare(data, reduced) for _ in range(batch)])
+        self.classifier.forward([self._prepare(data, reduced) for _ in range(batch)])
 
     def _rate(self, data: bytes, batch: int, images: int, *, reduced: bool) -> float:
         rounds = max(1, images // batch)
@@ -132,7 +132,7 @@ class Ceiling:
                 items = [future.result() for future in pending]
                 if round_ + 1 < rounds:
                     pending = [submit(self._prepare, data, reduced) for _ in range(batch)]
-                self.classifier.predict_prepared(items)
+                self.classifier.forward(items)
         return rounds * batch / (time.perf_counter() - started)
 
     def measure(self, data: bytes, *, reduced: bool) -> dict:
@@ -149,7 +149,7 @@ class Ceiling:
         rounds = max(1, args.ceiling_images // batch)
         started = time.perf_counter()
         for _ in range(rounds):
-            self.classifier.predict_prepared(items)
+            self.classifier.forward(items)
         forward_ms = 1000 * (time.perf_counter() - started) / (rounds * batch)
         latencies = self._latencies_ms(data, reduced=reduced)
         return {

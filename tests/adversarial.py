@@ -178,7 +178,7 @@ def _split(model_name: str):  # type: ignore[no-untyped-def]
     import timm
     import torch
 
-    from api.preprocess import build_transform, split_transform
+    from api.engine.preprocess import build_transform, split_transform
 
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False)
@@ -191,8 +191,8 @@ def _decode_and_prepare(data: bytes, reduced: bool, model_name: str) -> tuple[fl
     import gc
 
     from api.config import Settings
+    from api.engine.preprocess import _open_formats, decode_image
     from api.errors import RequestError
-    from api.preprocess import _open_formats, decode_image
 
     settings = Settings(_env_file=None)  # the service's defaults: pixel limit, decode budget
     split, short_side = _split(model_name)
@@ -221,7 +221,7 @@ def _decode_and_prepare(data: bytes, reduced: bool, model_name: str) -> tuple[fl
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # imported once in the fork server, so each measured child starts warm but fresh
-    context.set_forkserver_preload(["api.preprocess", "api.config", "tests.adversarial", "timm"])
+    context.set_forkserver_preload(["api.engine.preprocess", "api.config", "tests.adversarial", "timm"])
     return context
 
 

@@ -11,16 +11,24 @@ import skimage.data
 import torch
 from PIL import Image
 
-from api.demo import write_demo_model
+from api.ops.demo import write_demo_model
 from tests.helpers import jpeg_bytes, make_settings, running_server, tiny_model
 
 
+@pytest.fixture(scope="session")
+def model_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One XDG cache home for the session: the model cache (converted models, runtime choices) of every
+    server the tests start lives here, never in the developer's ~/.cache."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
 @pytest.fixture(autouse=True)
-def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+def _clean_environment(monkeypatch: pytest.MonkeyPatch, model_cache_home: Path) -> None:
     """No API_* or LOG_LEVEL from the developer's shell leaks into a test."""
     for name in list(os.environ):
         if name.startswith("API_") or name == "LOG_LEVEL":
             monkeypatch.delenv(name)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(model_cache_home))
 
 
 @pytest.fixture(scope="session")

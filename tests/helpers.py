@@ -23,8 +23,10 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image
 
-from api.config import Settings
-from api.main import create_app
+from api.config import ModelSettings, Settings
+from api.engine.classifier import Classifier
+from api.engine.loader import load_classifier
+from api.http.app import LoadPolicy, create_app
 
 # ImageNet-1k indices 281..285: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat.
 IMAGENET_CATS = set(range(281, 286))
@@ -47,6 +49,24 @@ def png_bytes(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def load_model(checkpoint: Path, **values: object) -> Classifier:
+    """`load_classifier` on the CPU with PyTorch unless told otherwise, and no model cache."""
+    values.setdefault("device", "cpu")
+    values.setdefault("runtime", "torch")
+    return load_classifier(ModelSettings(checkpoint_path=checkpoint, **values))  # type: ignore[arg-type]
+
+
+def scores_of(classifier: Classifier, *images: Image.Image) -> torch.Tensor:
+    """The serving path's scores for RGB images: prepare each (the decode pool's half), then forward."""
+    return classifier.forward([classifier.prepare(image) for image in images])
+
+
+def eager_scores(classifier: Classifier, normalised: torch.Tensor) -> torch.Tensor:
+    """A PyTorch classifier's scores for an already normalised NCHW batch (timm's whole transform)."""
+    with torch.inference_mode():
+        return classifier.runtime.scores(normalised.to(memory_format=torch.channels_last))  # type: ignore[attr-defined]
+
+
 def tiny_model(name: str = "test_resnet", num_classes: int = 5, seed: int = 0) -> torch.nn.Module:
     """A real timm architecture with random but reproducible weights."""
     torch.manual_seed(seed)
@@ -62,7 +82,7 @@ def running_server(
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = app or create_app(settings, exit_on_load_failure=False)
+    app = app or create_app(settings, policy=LoadPolicy(exit_on_failure=False))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

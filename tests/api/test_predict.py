@@ -16,15 +16,14 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.model import load_classifier
-from tests.helpers import IMAGENET_CATS, jpeg_bytes
+from tests.helpers import IMAGENET_CATS, jpeg_bytes, load_model, scores_of
 
 PREDICT = "/api/v1/predict"
 
 
 def _direct_scores(checkpoint: Path, image: Image.Image) -> torch.Tensor:
-    classifier = load_classifier(checkpoint, model_name="test_resnet", device="cpu")
-    return classifier.predict(classifier.preprocess(image)[None])[0]
+    classifier = load_model(checkpoint, model_name="test_resnet", device="cpu")
+    return scores_of(classifier, image)[0]
 
 
 def test_demo_model_ranks_a_cat_first_for_chelsea(demo_server: str, chelsea_jpeg: bytes) -> None:

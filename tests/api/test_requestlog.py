@@ -42,11 +42,11 @@ def test_request_id_is_honoured_generated_and_logged(
 
 def test_a_server_fault_is_an_error_with_the_request_id(tiny_checkpoint, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
     """A fault of ours (here: a route that fails) is logged at ERROR, traceback and request id included."""
-    from api.main import create_app
+    from api.http.app import LoadPolicy, create_app
     from tests.helpers import make_settings, running_server
 
     settings = make_settings(checkpoint_path=tiny_checkpoint, model_name="test_resnet")
-    app = create_app(settings, exit_on_load_failure=False)
+    app = create_app(settings, policy=LoadPolicy(exit_on_failure=False))
 
     @app.get("/api/v1/fault")
     async def fault() -> None:
@@ -59,5 +59,5 @@ def test_a_server_fault_is_an_error_with_the_request_id(tiny_checkpoint, caplog:
         assert "a bug" not in answer.text  # no details to the client
         eventually(lambda: any(r.levelno == logging.ERROR for r in caplog.records), what="the error record")
     (error,) = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert error.name == "api.requestlog" and error.request_id == "fault-7" and error.exc_info is not None
+    assert error.name == "api.http.requestlog" and error.request_id == "fault-7" and error.exc_info is not None
     assert answer.headers["x-request-id"] == "fault-7"

@@ -22,7 +22,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.demo import write_demo_model
+from api.ops.demo import write_demo_model
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["docker-compose.yml", "docker-compose.cpu.yml"]

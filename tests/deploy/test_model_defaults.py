@@ -27,7 +27,7 @@ import yaml
 from timm.models import save_for_hf
 
 from api.config import load_settings
-from api.main import load_configured_classifier
+from api.engine.loader import load_classifier
 from tests.helpers import BIN, process_env, served_process, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,7 +78,7 @@ def _served(env: dict[str, str], checkpoint: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("API_CHECKPOINT_PATH", str(checkpoint))
     monkeypatch.setenv("API_DEVICE", "cpu")
     monkeypatch.delenv("API_LOG_DIR", raising=False)
-    classifier = load_configured_classifier(load_settings(_env_file=None))
+    classifier = load_classifier(load_settings(_env_file=None).model_group)
     return classifier.architecture, classifier.num_classes, tuple(classifier.data_config["input_size"])
 
 

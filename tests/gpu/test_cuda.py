@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from api.model import Classifier, load_classifier
-from api.preprocess import decode_image
-from tests.helpers import IMAGENET_CATS, make_settings, running_server
+from api.engine.classifier import Classifier
+from api.engine.preprocess import decode_image
+from tests.helpers import IMAGENET_CATS, load_model, make_settings, running_server
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -25,7 +25,7 @@ PREDICT = "/api/v1/predict"
 
 @pytest.fixture(scope="module")
 def cpu_fp32(demo_dir: Path) -> Classifier:
-    return load_classifier(demo_dir, device="cpu")
+    return load_model(demo_dir, device="cpu")
 
 
 def _prepared(classifier: Classifier, *jpegs: bytes) -> list:
@@ -36,12 +36,12 @@ def _prepared(classifier: Classifier, *jpegs: bytes) -> list:
 def test_cuda_answers_stay_close_to_cpu_fp32(
     demo_dir: Path, cpu_fp32: Classifier, chelsea_jpeg: bytes, coffee_jpeg: bytes, precision: str, tolerance: float
 ) -> None:
-    gpu = load_classifier(demo_dir, device="cuda", precision=precision, max_batch_size=8)
+    gpu = load_model(demo_dir, device="cuda", precision=precision, max_batch_size=8)
     assert gpu.device == torch.device("cuda", 0)
     assert gpu.padded_sizes == (1, 2, 4, 8)  # every size cuDNN will see was benchmarked in warm-up
     assert gpu.graphs is not None and gpu.graphs.sizes == gpu.padded_sizes  # and captured as a CUDA graph
     items = _prepared(gpu, chelsea_jpeg, coffee_jpeg, chelsea_jpeg)  # 3 rows: padded to 4
-    reference, scores = cpu_fp32.predict_prepared(items), gpu.predict_prepared(items)
+    reference, scores = cpu_fp32.forward(items), gpu.forward(items)
     assert scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.shape == reference.shape
     assert (scores - reference).abs().max() < tolerance
     for row in range(len(items)):  # chelsea's top two are 0.38 vs 0.37: compare the top 3 as sets
@@ -50,35 +50,33 @@ def test_cuda_answers_stay_close_to_cpu_fp32(
 
 
 def test_padded_batches_answer_each_image_as_if_alone(demo_dir: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes) -> None:
-    gpu = load_classifier(demo_dir, device="cuda", precision="fp16", max_batch_size=8)
+    gpu = load_model(demo_dir, device="cuda", precision="fp16", max_batch_size=8)
     items = _prepared(gpu, chelsea_jpeg, coffee_jpeg, coffee_jpeg, chelsea_jpeg, coffee_jpeg)  # padded to 8
-    together = gpu.predict_prepared(items)
-    alone = torch.cat([gpu.predict_prepared([item]) for item in items])
+    together = gpu.forward(items)
+    alone = torch.cat([gpu.forward([item]) for item in items])
     torch.testing.assert_close(together, alone, atol=5e-3, rtol=0)
 
 
 def test_cuda_graph_replays_match_the_eager_pass_call_after_call(
     demo_dir: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes
 ) -> None:
-    graphed = load_classifier(demo_dir, device="cuda", precision="fp16", max_batch_size=4)
-    eager = load_classifier(demo_dir, device="cuda", precision="fp16", max_batch_size=4, cuda_graphs=False)
+    graphed = load_model(demo_dir, device="cuda", precision="fp16", max_batch_size=4)
+    eager = load_model(demo_dir, device="cuda", precision="fp16", max_batch_size=4, cuda_graphs=False)
     assert graphed.graphs is not None and eager.graphs is None
     # different images and sizes one after another: each replay reads this call's input, never the last one's
     for jpegs in ([chelsea_jpeg], [coffee_jpeg], [coffee_jpeg, chelsea_jpeg, coffee_jpeg], [chelsea_jpeg] * 4):
         items = _prepared(eager, *jpegs)
-        torch.testing.assert_close(graphed.predict_prepared(items), eager.predict_prepared(items), atol=2e-3, rtol=0)
+        torch.testing.assert_close(graphed.forward(items), eager.forward(items), atol=2e-3, rtol=0)
 
 
 def test_compiled_cuda_model_matches_eager(tiny_checkpoint: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes) -> None:
     # a tiny architecture: Triton compiles every fused kernel, a few per layer, for each padded size
-    eager = load_classifier(tiny_checkpoint, model_name="test_resnet", device="cuda", max_batch_size=2)
-    compiled = load_classifier(
-        tiny_checkpoint, model_name="test_resnet", device="cuda", compile_model=True, max_batch_size=2
-    )
+    eager = load_model(tiny_checkpoint, model_name="test_resnet", device="cuda", max_batch_size=2)
+    compiled = load_model(tiny_checkpoint, model_name="test_resnet", device="cuda", compile=True, max_batch_size=2)
     assert compiled.padded_sizes == (1, 2)
     for jpegs in ([chelsea_jpeg], [chelsea_jpeg, coffee_jpeg]):
         items = _prepared(eager, *jpegs)
-        torch.testing.assert_close(compiled.predict_prepared(items), eager.predict_prepared(items), atol=2e-3, rtol=0)
+        torch.testing.assert_close(compiled.forward(items), eager.forward(items), atol=2e-3, rtol=0)
 
 
 def test_service_on_cuda_batches_concurrent_requests_and_reports_gpu_memory(

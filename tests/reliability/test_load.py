@@ -20,7 +20,7 @@ import pytest
 import timm
 import torch
 
-from api.labels import CAT_BREEDS
+from api.engine.labels import CAT_BREEDS
 from tests.helpers import CLI, ServerProcess, eventually, served_process
 
 PREDICT = "/api/v1/predict"

@@ -69,8 +69,8 @@ def test_every_upload_costs_at_most_twice_a_12mp_photo(files: dict[str, bytes], 
 
 
 def test_refusals_say_what_is_wrong_and_what_would_pass(files: dict[str, bytes]) -> None:
+    from api.engine.preprocess import decode_image
     from api.errors import ImageTooLarge
-    from api.preprocess import decode_image
 
     budget = Settings(_env_file=None).decode_budget
     for name in ("rgba_7000x7000.png", "tiff_tile_8192_for_64x64.tif", "progressive_2000_scans.jpg", "photo_12mp.webp"):
@@ -83,8 +83,8 @@ def test_refusals_say_what_is_wrong_and_what_would_pass(files: dict[str, bytes])
 
 
 def test_a_larger_budget_lets_costlier_images_through(files: dict[str, bytes]) -> None:
-    from api.decode_budget import DecodeBudget
-    from api.preprocess import decode_image
+    from api.engine.decode_budget import DecodeBudget
+    from api.engine.preprocess import decode_image
 
     data = files["photo_12mp.webp"]
     with pytest.raises(Exception, match="API_DECODE_BUDGET_MP"):

@@ -3,22 +3,24 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import threading
 import time
 
 import pytest
 import torch
 
-from api.batching import Batcher
+from api.engine.batching import Batcher
+from api.engine.classifier import Classifier
 from api.errors import GatewayTimeout, Overloaded
-from api.model import Classifier, load_classifier
-from tests.helpers import noise_image, tiny_model
+from tests.helpers import load_model, noise_image, tiny_model
 
 
 @pytest.fixture(scope="module")
 def classifier(tmp_path_factory: pytest.TempPathFactory) -> Classifier:
     path = tmp_path_factory.mktemp("batch") / "m.pt"
     torch.save(tiny_model(num_classes=6).state_dict(), path)
-    return load_classifier(path, model_name="test_resnet", device="cpu")
+    return load_model(path, model_name="test_resnet", device="cpu")
 
 
 def _images(classifier: Classifier, count: int) -> list:
@@ -39,11 +41,9 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
 
     async def scenario() -> list[torch.Tensor]:
         # All eight are admitted (decoding) before any is queued, as under concurrent load.
-        tickets = [batcher.admit(1) for _ in images]
-        entered = [t.__enter__() for t in tickets]
-        results = await asyncio.gather(*(batcher.predict(t, [img]) for t, img in zip(entered, images, strict=True)))
-        for ticket in tickets:
-            ticket.__exit__(None, None, None)
+        with contextlib.ExitStack() as stack:
+            entered = [stack.enter_context(batcher.admit(1)) for _ in images]
+            results = await asyncio.gather(*(batcher.predict(t, [img]) for t, img in zip(entered, images, strict=True)))
         assert [runs[0].size for _, runs in results] == [8] * 8  # each caller learns its batch's size
         assert all(runs[0].queued_s >= 0 and runs[0].forward_s > 0 for _, runs in results)
         return [scores[0] for scores, _ in results]
@@ -53,7 +53,7 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
     finally:
         batcher.close()
     assert batches == [8], f"expected one forward pass of 8, got {batches}"
-    alone = [classifier.predict_prepared([img])[0] for img in images]
+    alone = [classifier.forward([img])[0] for img in images]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert batcher.depth == 0
@@ -89,20 +89,43 @@ def test_admission_is_bounded(classifier: Classifier) -> None:
         batcher.close()
 
 
-def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -> None:
-    batches: list[int] = []
-    batcher = _batcher(classifier, on_batch=lambda n, s: batches.append(n))
+class _Gated:
+    """The classifier, with every forward pass held until the test opens the gate."""
 
-    async def late() -> None:
-        with batcher.admit(1) as ticket:
-            await batcher.predict(ticket, _images(classifier, 1), deadline=time.monotonic() - 1)
+    def __init__(self, inner: Classifier):
+        self.inner = inner
+        self.gate = threading.Event()
+        self.started = threading.Event()
+        self.passes: list[int] = []
+
+    def forward(self, items: list) -> torch.Tensor:
+        self.started.set()
+        self.gate.wait(timeout=60)
+        self.passes.append(len(items))
+        return self.inner.forward(items)
+
+
+def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -> None:
+    """An image whose caller gave up is never run: the thread, busy when it came, drops it after."""
+    gated = _Gated(classifier)
+    batcher = Batcher(max_batch_size=1)
+    batcher.start(lambda: gated)  # type: ignore[arg-type,return-value]
+
+    async def scenario() -> None:
+        with batcher.admit(1) as first, batcher.admit(1) as second:
+            busy = asyncio.ensure_future(batcher.predict(first, _images(classifier, 1)))
+            await asyncio.to_thread(gated.started.wait, 10)  # the thread is in the first pass
+            with pytest.raises(GatewayTimeout):  # queued behind it, and its deadline passes
+                await batcher.predict(second, _images(classifier, 1), deadline=time.monotonic() + 0.05)
+            gated.gate.set()
+            await busy
 
     try:
-        with pytest.raises(GatewayTimeout):
-            asyncio.run(late())
+        asyncio.run(scenario())
     finally:
+        gated.gate.set()
         batcher.close()
-    assert sum(batches) <= 1  # dropped unless the thread took it before the caller gave up
+    assert gated.passes == [1], f"the abandoned image was run: passes {gated.passes}"
     assert batcher.depth == 0
 
 

@@ -14,8 +14,7 @@ import torch
 from timm.models import save_for_hf
 
 from api.errors import CheckpointMismatch, CheckpointNotFound, CheckpointUnreadable, ConfigError, UnsafeCheckpoint
-from api.model import load_classifier
-from tests.helpers import tiny_model
+from tests.helpers import eager_scores, load_model, tiny_model
 
 NUM_CLASSES = 7
 
@@ -92,13 +91,13 @@ def test_each_format_loads_the_same_weights(
     fmt: str, reference: torch.nn.Module, probe: torch.Tensor, tmp_path: Path
 ) -> None:
     path = _writers()[fmt](reference, tmp_path)
-    classifier = load_classifier(path, model_name="test_resnet", num_classes=NUM_CLASSES, device="cpu")
+    classifier = load_model(path, model_name="test_resnet", num_classes=NUM_CLASSES, device="cpu")
     with torch.inference_mode():
         expected = reference(probe).softmax(-1)
     assert classifier.num_classes == NUM_CLASSES
     assert classifier.architecture == "test_resnet"
     assert len(classifier.checkpoint.sha256) == 64
-    torch.testing.assert_close(classifier.predict(probe), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager_scores(classifier, probe), expected, rtol=1e-4, atol=1e-5)
 
 
 def test_ema_weights_are_preferred_and_can_be_declined(tmp_path: Path, probe: torch.Tensor) -> None:
@@ -107,11 +106,11 @@ def test_ema_weights_are_preferred_and_can_be_declined(tmp_path: Path, probe: to
     torch.save({"state_dict": live.state_dict(), "state_dict_ema": ema.state_dict()}, path)
     with torch.inference_mode():
         want_ema, want_live = ema(probe).softmax(-1), live(probe).softmax(-1)
-    chosen = load_classifier(path, model_name="test_resnet", device="cpu")
+    chosen = load_model(path, model_name="test_resnet", device="cpu")
     assert chosen.checkpoint.weights_key == "state_dict_ema"
-    torch.testing.assert_close(chosen.predict(probe), want_ema, rtol=1e-4, atol=1e-5)
-    declined = load_classifier(path, model_name="test_resnet", device="cpu", use_ema=False)
-    torch.testing.assert_close(declined.predict(probe), want_live, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(eager_scores(chosen, probe), want_ema, rtol=1e-4, atol=1e-5)
+    declined = load_model(path, model_name="test_resnet", device="cpu", use_ema=False)
+    torch.testing.assert_close(eager_scores(declined, probe), want_live, rtol=1e-4, atol=1e-5)
 
 
 def test_checkpoint_metadata_wins_over_settings(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -119,23 +118,23 @@ def test_checkpoint_metadata_wins_over_settings(tmp_path: Path, caplog: pytest.L
     path = tmp_path / "meta.pt"
     names = ["a", "b", "c", "d"]
     torch.save({"architecture": "test_efficientnet", "class_names": names, "state_dict": model.state_dict()}, path)
-    classifier = load_classifier(path, model_name="resnet50", device="cpu")
+    classifier = load_model(path, model_name="resnet50", device="cpu")
     assert classifier.architecture == "test_efficientnet"
-    assert classifier.class_names == names and classifier.labels_source == "checkpoint"
+    assert list(classifier.class_names) == names and classifier.labels_source == "checkpoint"
     assert "API_MODEL_NAME=resnet50 ignored" in caplog.text
 
 
 def test_unset_num_classes_follows_the_classifier_shape(tmp_path: Path) -> None:
     torch.save(tiny_model(num_classes=120).state_dict(), tmp_path / "dogs.pt")
-    classifier = load_classifier(tmp_path / "dogs.pt", model_name="test_resnet", device="cpu")
+    classifier = load_model(tmp_path / "dogs.pt", model_name="test_resnet", device="cpu")
     assert classifier.num_classes == 120
-    assert classifier.class_names[:2] == ["class_0", "class_1"]
+    assert list(classifier.class_names)[:2] == ["class_0", "class_1"]
 
 
 def test_explicit_num_classes_conflict_names_both_numbers(tmp_path: Path) -> None:
     torch.save(tiny_model(num_classes=120).state_dict(), tmp_path / "dogs.pt")
     with pytest.raises(CheckpointMismatch) as caught:
-        load_classifier(tmp_path / "dogs.pt", model_name="test_resnet", num_classes=67, device="cpu")
+        load_model(tmp_path / "dogs.pt", model_name="test_resnet", num_classes=67, device="cpu")
     message = str(caught.value)
     assert "API_NUM_CLASSES=67" in message and "120 classes" in message and "\n" not in message
 
@@ -143,7 +142,7 @@ def test_explicit_num_classes_conflict_names_both_numbers(tmp_path: Path) -> Non
 def test_wrong_architecture_is_refused_with_the_fix(tmp_path: Path) -> None:
     torch.save(tiny_model("test_efficientnet", 5).state_dict(), tmp_path / "effnet.pt")
     with pytest.raises(CheckpointMismatch) as caught:
-        load_classifier(tmp_path / "effnet.pt", model_name="test_resnet", num_classes=5, device="cpu")
+        load_model(tmp_path / "effnet.pt", model_name="test_resnet", num_classes=5, device="cpu")
     assert "does not fit architecture test_resnet" in str(caught.value)
     assert "API_MODEL_NAME" in str(caught.value)
 
@@ -151,13 +150,13 @@ def test_wrong_architecture_is_refused_with_the_fix(tmp_path: Path) -> None:
 def test_unknown_architecture_is_a_config_error(tmp_path: Path) -> None:
     torch.save(tiny_model().state_dict(), tmp_path / "m.pt")
     with pytest.raises(ConfigError, match="unknown architecture 'resnet_9000'"):
-        load_classifier(tmp_path / "m.pt", model_name="resnet_9000", device="cpu")
+        load_model(tmp_path / "m.pt", model_name="resnet_9000", device="cpu")
 
 
 def test_missing_checkpoint_names_path_and_how_to_mount(tmp_path: Path) -> None:
     missing = tmp_path / "outputs" / "best_model.pt"
     with pytest.raises(CheckpointNotFound) as caught:
-        load_classifier(missing, device="cpu")
+        load_model(missing, device="cpu")
     assert str(missing) in str(caught.value) and "/app/models" in str(caught.value)
 
 
@@ -169,22 +168,22 @@ def test_truncated_checkpoint_is_unreadable(tmp_path: Path, keep: float) -> None
     cut = tmp_path / "cut.pt"
     cut.write_bytes(data[: int(len(data) * keep)])
     with pytest.raises(CheckpointUnreadable, match=str(cut)):
-        load_classifier(cut, model_name="test_resnet", device="cpu")
+        load_model(cut, model_name="test_resnet", device="cpu")
 
 
 def test_garbage_and_non_weight_files_are_unreadable(tmp_path: Path) -> None:
     garbage = tmp_path / "notes.pt"
     garbage.write_bytes(b"this is not a checkpoint at all")
     with pytest.raises(CheckpointUnreadable):
-        load_classifier(garbage, device="cpu")
+        load_model(garbage, device="cpu")
     not_weights = tmp_path / "list.pt"
     torch.save([1, 2, 3], not_weights)
     with pytest.raises(CheckpointUnreadable, match="not a dict of weights"):
-        load_classifier(not_weights, device="cpu")
+        load_model(not_weights, device="cpu")
     empty_folder = tmp_path / "folder"
     empty_folder.mkdir()
     with pytest.raises(CheckpointUnreadable, match="not a timm model folder"):
-        load_classifier(empty_folder, device="cpu")
+        load_model(empty_folder, device="cpu")
 
 
 class _Exploit:
@@ -202,7 +201,7 @@ def test_pickle_that_runs_code_is_refused_and_never_runs(tmp_path: Path) -> None
     path = tmp_path / "evil.pt"
     torch.save({"state_dict": tiny_model().state_dict(), "hook": _Exploit(marker)}, path)
     with pytest.raises(UnsafeCheckpoint) as caught:
-        load_classifier(path, model_name="test_resnet", device="cpu")
+        load_model(path, model_name="test_resnet", device="cpu")
     assert not marker.exists()
     assert "could run code" in str(caught.value) and "system" in str(caught.value)
 
@@ -221,7 +220,7 @@ def test_timm_folder_labels_and_preprocessing_come_from_config(tmp_path: Path) -
     )
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["architecture"] == "test_resnet"
-    classifier = load_classifier(tmp_path / "export", device="cpu")
-    assert classifier.class_names == ["one", "two", "three"]
+    classifier = load_model(tmp_path / "export", device="cpu")
+    assert list(classifier.class_names) == ["one", "two", "three"]
     assert tuple(classifier.data_config["mean"]) == pytest.approx((0.1, 0.2, 0.3))
     assert tuple(classifier.data_config["input_size"]) == (3, 96, 96)

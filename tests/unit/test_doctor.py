@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from api.doctor import check_cpus, check_models, check_port, load_env
+from api.ops.doctor import check_cpus, check_models, check_port, load_env
 
 
 def _env(project: Path, text: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:

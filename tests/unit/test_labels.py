@@ -8,10 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from api.engine.labels import CAT_BREEDS, resolve_class_names
 from api.errors import CheckpointMismatch, CheckpointUnreadable
-from api.labels import CAT_BREEDS, resolve_class_names
-from api.model import load_classifier
-from tests.helpers import tiny_model
+from tests.helpers import load_model, tiny_model
 
 
 def test_cat_breeds_are_the_67_imagefolder_names() -> None:
@@ -80,5 +79,5 @@ def test_missing_explicit_labels_file(tmp_path: Path) -> None:
 def test_class_to_idx_in_checkpoint_is_used_by_the_loader(tmp_path: Path) -> None:
     model = tiny_model(num_classes=2)
     torch.save({"state_dict": model.state_dict(), "class_to_idx": {"tabby": 1, "siamese": 0}}, tmp_path / "c.pt")
-    classifier = load_classifier(tmp_path / "c.pt", model_name="test_resnet", device="cpu")
-    assert classifier.class_names == ["siamese", "tabby"]
+    classifier = load_model(tmp_path / "c.pt", model_name="test_resnet", device="cpu")
+    assert list(classifier.class_names) == ["siamese", "tabby"]

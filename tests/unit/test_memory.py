@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from api.memory import release_free_memory
+from api.engine.memory import release_free_memory
 
 
 def _rss_mb() -> float:
@@ -39,7 +39,7 @@ def test_free_heap_pages_are_returned() -> None:
 _PROBE = """
 import json, sys
 from pathlib import Path
-from api.memory import keep_freed_memory, release_free_memory
+from api.engine.memory import keep_freed_memory, release_free_memory
 
 def rss_mb():
     status = Path("/proc/self/status").read_text()

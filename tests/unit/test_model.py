@@ -4,11 +4,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from api.model import batch_buckets, load_classifier
-from tests.helpers import tiny_model
+from api.engine.classifier import Classifier
+from api.engine.runtime import batch_buckets
+from tests.helpers import load_model, tiny_model
+
+
+def _pixels(classifier: Classifier, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Random prepared images (H x W x 3 uint8 at the model's input size), as the decode pool hands them over."""
+    _, height, width = classifier.input_size
+    rng = np.random.default_rng(seed)
+    return list(rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -19,30 +28,30 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_single_label_ranks_top_k_of_a_softmax(checkpoint: Path) -> None:
-    classifier = load_classifier(checkpoint, model_name="test_resnet", device="cpu")
+    classifier = load_model(checkpoint, model_name="test_resnet", device="cpu")
     scores = torch.tensor([0.1, 0.6, 0.05, 0.25])
     assert classifier.rank(scores, 2) == [(1, "b", pytest.approx(0.6)), (3, "d", pytest.approx(0.25))]
     assert len(classifier.rank(scores, 99)) == 4  # top_k beyond the classes returns them all
-    out = classifier.predict(torch.randn(3, 3, 160, 160))
+    out = classifier.forward(_pixels(classifier, 3))
     torch.testing.assert_close(out.sum(-1), torch.ones(3))
 
 
 def test_multi_label_answers_every_label_over_the_threshold(checkpoint: Path) -> None:
-    classifier = load_classifier(checkpoint, model_name="test_resnet", device="cpu", multi_label=True, threshold=0.3)
+    classifier = load_model(checkpoint, model_name="test_resnet", device="cpu", multi_label=True, threshold=0.3)
     scores = torch.tensor([0.9, 0.1, 0.35, 0.3])
     assert [name for _, name, _ in classifier.rank(scores, 1)] == ["a", "c", "d"]  # top_k does not cut
-    out = classifier.predict(torch.randn(2, 3, 160, 160))
+    out = classifier.forward(_pixels(classifier, 2))
     assert ((out >= 0) & (out <= 1)).all()
     assert not torch.allclose(out.sum(-1), torch.ones(2))  # independent sigmoids, not a softmax
 
 
 def test_bf16_autocast_stays_close_to_fp32(demo_dir: Path, chelsea_jpeg: bytes) -> None:
-    from api.preprocess import decode_image
+    from api.engine.preprocess import decode_image
 
-    fp32 = load_classifier(demo_dir, device="cpu")
-    bf16 = load_classifier(demo_dir, device="cpu", precision="bf16")
-    image = fp32.preprocess(decode_image(chelsea_jpeg, max_pixels=10**8).image)[None]
-    a, b = fp32.predict(image)[0], bf16.predict(image)[0]
+    fp32 = load_model(demo_dir, device="cpu")
+    bf16 = load_model(demo_dir, device="cpu", precision="bf16")
+    image = fp32.prepare(decode_image(chelsea_jpeg, max_pixels=10**8).image)
+    a, b = fp32.forward([image])[0], bf16.forward([image])[0]
     assert b.dtype == torch.float32  # answers are float32 whatever the compute dtype
     # chelsea's top two (tiger cat 0.38, Egyptian cat 0.37) are closer than bf16's rounding: compare the top 3
     assert set(a.topk(3).indices.tolist()) == set(b.topk(3).indices.tolist())
@@ -50,12 +59,12 @@ def test_bf16_autocast_stays_close_to_fp32(demo_dir: Path, chelsea_jpeg: bytes) 
 
 
 def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(checkpoint: Path) -> None:
-    eager = load_classifier(checkpoint, model_name="test_resnet", device="cpu")
-    compiled = load_classifier(checkpoint, model_name="test_resnet", device="cpu", compile_model=True, max_batch_size=3)
-    assert compiled.padded_sizes == (1, 2, 3)
-    batch = torch.randn(3, 3, 160, 160)
+    eager = load_model(checkpoint, model_name="test_resnet", device="cpu")
+    compiled = load_model(checkpoint, model_name="test_resnet", device="cpu", compile=True, max_batch_size=3)
+    assert compiled.runtime.padded_sizes == (1, 2, 3)
+    batch = _pixels(eager, 3)
     for rows in (1, 2, 3):
-        torch.testing.assert_close(compiled.predict(batch[:rows]), eager.predict(batch[:rows]), rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(compiled.forward(batch[:rows]), eager.forward(batch[:rows]), rtol=1e-3, atol=1e-4)
 
 
 def test_batches_are_padded_to_powers_of_two_up_to_the_largest(checkpoint: Path) -> None:
@@ -63,18 +72,19 @@ def test_batches_are_padded_to_powers_of_two_up_to_the_largest(checkpoint: Path)
     assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_buckets(12) == (1, 2, 4, 8, 12)
     assert batch_buckets(1) == (1,)
-    assert load_classifier(checkpoint, model_name="test_resnet", device="cpu", max_batch_size=8).padded_sizes == ()
+    assert load_model(checkpoint, model_name="test_resnet", device="cpu", max_batch_size=8).runtime.padded_sizes == ()
 
 
 def test_split_preprocessing_matches_the_whole_timm_transform(demo_dir: Path, chelsea_jpeg: bytes) -> None:
     """uint8 pixels from the decode pool + batched normalisation == timm's transform, image by image."""
-    from api.preprocess import decode_image
+    from api.engine.preprocess import decode_image
 
-    classifier = load_classifier(demo_dir, device="cpu")
-    assert classifier.split is not None
+    classifier = load_model(demo_dir, device="cpu")
     image = decode_image(chelsea_jpeg, max_pixels=10**8).image
     prepared = classifier.prepare(image)
     assert prepared.dtype.name == "uint8" and prepared.shape == (224, 224, 3)
-    split = classifier.predict_prepared([prepared, prepared])
-    whole = classifier.predict(torch.stack([classifier.preprocess(image)] * 2))
+    split = classifier.forward([prepared, prepared])
+    normalised = torch.stack([classifier.transform(image)] * 2).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        whole = classifier.runtime.scores(normalised)  # type: ignore[attr-defined]
     torch.testing.assert_close(split, whole, rtol=1e-4, atol=1e-5)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose
 
+from api.engine.preprocess import build_transform, decode_image, to_rgb
 from api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
-from api.preprocess import build_transform, decode_image, to_rgb
-from tests.helpers import jpeg_bytes, png_bytes, tiny_model
+from tests.helpers import jpeg_bytes, load_model, png_bytes, scores_of, tiny_model
 
 LIMIT = 50_000_000
 
@@ -137,9 +137,7 @@ def test_reduced_decode_keeps_top1_on_real_photos(demo_dir, chelsea: Image.Image
     """Big JPEGs decoded at reduced scale (never below the resize target) classify the same."""
     import skimage.data
 
-    from api.model import load_classifier
-
-    classifier = load_classifier(demo_dir, device="cpu")
+    classifier = load_model(demo_dir, device="cpu")
     target = classifier.resize_short_side
     photos = [chelsea, Image.fromarray(skimage.data.coffee()), Image.fromarray(skimage.data.astronaut())]
     for photo in photos:
@@ -149,9 +147,7 @@ def test_reduced_decode_keeps_top1_on_real_photos(demo_dir, chelsea: Image.Image
         reduced = decode_image(data, max_pixels=LIMIT, reduce_to=target)
         assert min(reduced.image.size) >= target and reduced.image.size < full.image.size
         assert (reduced.width, reduced.height) == (full.width, full.height)  # reports the original size
-        scores = classifier.predict(
-            torch.stack([classifier.preprocess(full.image), classifier.preprocess(reduced.image)])
-        )
+        scores = scores_of(classifier, full.image, reduced.image)
         assert int(scores[0].argmax()) == int(scores[1].argmax())
 
 
@@ -166,7 +162,7 @@ def test_small_images_and_pngs_are_not_reduced(chelsea: Image.Image) -> None:
 def _resnet50_split():  # type: ignore[no-untyped-def]
     import timm
 
-    from api.preprocess import split_transform
+    from api.engine.preprocess import split_transform
 
     with torch.device("meta"):
         model = timm.create_model("resnet50", pretrained=False)
@@ -188,7 +184,7 @@ def test_ordinary_shapes_get_timms_exact_pixels(chelsea: Image.Image, size: tupl
 @pytest.mark.parametrize("size", [(8000, 300), (300, 8000), (20_000, 240)])
 def test_extreme_shapes_resize_only_the_crop_and_agree_with_timm(chelsea: Image.Image, size: tuple[int, int]) -> None:
     """Past the exact limit only the cropped region is resized: the same image to rounding."""
-    from api.preprocess import EXACT_RESIZE_LIMIT
+    from api.engine.preprocess import EXACT_RESIZE_LIMIT
 
     transform, split = _resnet50_split()
     image = chelsea.resize(size, Image.Resampling.BILINEAR)
@@ -210,7 +206,7 @@ def test_a_50000x1_strip_costs_what_its_crop_costs() -> None:
 
 
 def test_budget_allows_a_photo_and_refuses_from_the_header(chelsea: Image.Image) -> None:
-    from api.decode_budget import DecodeBudget, ImageFacts, estimate, reference_photo
+    from api.engine.decode_budget import DecodeBudget, ImageFacts, estimate, reference_photo
 
     budget = DecodeBudget(22)
     assert budget.check(reference_photo(12)).memory < budget.allowance.memory

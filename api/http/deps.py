@@ -14,8 +14,8 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from api.config import Settings
 from api.errors import Unauthorized
-from api.metrics import Metrics
-from api.state import ServiceState
+from api.http.metrics import Metrics
+from api.http.readiness import ServiceState
 
 
 async def get_state(request: Request) -> ServiceState:

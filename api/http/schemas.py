@@ -81,12 +81,24 @@ class ModelInfo(BaseModel):
     preprocessing: dict[str, object] = Field(description="timm data config: input_size, crop_pct, mean, std...")
     device: str
     device_reason: str
-    dtype: str
+    runtime: Literal["torch", "openvino"] = Field(description="What runs the forward pass (API_RUNTIME).")
+    runtime_reason: str = Field(description="Why this runtime: the setting, or what API_RUNTIME=auto measured.")
+    precision: Literal["fp32", "fp16", "bf16"] = Field(description="What the forward pass computes in.")
+    precision_reason: str
+    dtype: str = Field(description="The precision as a dtype name (float32, bfloat16, float16).")
+    runtime_details: dict[str, object] = Field(description="Runtime specifics: threads, CUDA graphs, padding.")
     checkpoint_path: str
     checkpoint_format: str
     checkpoint_sha256: str
     weights_key: str = Field(description="Which entry of the checkpoint held the weights ('' for a raw one).")
     load_seconds: float
+    cpu: str = Field(description="Threads for inference and decoding, and where that number came from.")
+    max_batch_size: int
+    max_batch_wait_ms: float
+    max_queue: int
+    request_timeout_s: float
+    max_image_pixels: int
+    decode_budget_mb: int
 
 
 class Health(BaseModel):

@@ -1,7 +1,7 @@
 """Bytes -> RGB image -> model input tensor.
 
 The type of an upload is decided from its bytes (never from the declared Content-Type or file
-name), the canvas size is checked and the whole decode priced (`api.decode_budget`) from the header
+name), the canvas size is checked and the whole decode priced (`api.engine.decode_budget`) from the header
 before any pixel is decoded, EXIF orientation is applied, and every mode Pillow can open is brought
 to 8-bit RGB the way a viewer would show it. The tensor transform is timm's eval transform for the
 architecture's data config; its resize + crop costs what the crop costs, whatever the aspect ratio.
@@ -36,9 +36,9 @@ from timm.data.transforms import CenterCropOrPad, MaybeToTensor, ResizeKeepRatio
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import _compute_resized_output_size, pil_modes_mapping
 
-from api.decode_budget import HIGH_DEPTH, WITH_ALPHA, Cost, DecodeBudget, ImageFacts
+from api.engine.decode_budget import HIGH_DEPTH, WITH_ALPHA, Cost, DecodeBudget, ImageFacts
+from api.engine.memory import release_after_decode
 from api.errors import ConfigError, ImageTooLarge, InvalidImage, UnsupportedMediaType
-from api.memory import release_after_decode
 
 # Raster formats a camera, phone, browser or scanner produces. Pillow can open more (EPS, PSD,
 # ICNS...), some through external programs; we refuse those rather than widen the attack surface.
@@ -93,7 +93,7 @@ class DecodedImage:
     width: int
     height: int
     format: str
-    cost: Cost  # what decoding it was priced at (api.decode_budget)
+    cost: Cost  # what decoding it was priced at (api.engine.decode_budget)
 
 
 @cache
@@ -122,7 +122,7 @@ def decode_image(
     With `reduce_to` (the shorter side the model's transform resizes to), a JPEG much larger than
     that is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (Pillow's `draft`), never below
     `reduce_to`: a 12-megapixel photo then costs a fraction of a full decode. Before anything is
-    allocated the image is priced from its header (`api.decode_budget`) and refused (413) when it
+    allocated the image is priced from its header (`api.engine.decode_budget`) and refused (413) when it
     would cost more than `budget`.
     """
     if not data:
@@ -296,7 +296,7 @@ def _too_large(error: Exception, max_pixels: int) -> ImageTooLarge:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white.
 
-    Each step's buffers are what `api.decode_budget` prices for the mode: no step copies an image
+    Each step's buffers are what `api.engine.decode_budget` prices for the mode: no step copies an image
     it does not change.
     """
     if image.mode == "RGB":

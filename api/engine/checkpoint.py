@@ -25,8 +25,8 @@ import safetensors.torch
 import torch
 from timm.models import clean_state_dict
 
+from api.engine.labels import names_from_mapping
 from api.errors import CheckpointNotFound, CheckpointUnreadable, UnsafeCheckpoint
-from api.labels import names_from_mapping
 
 logger = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from api.engine.classifier import Classifier
+from api.engine.memory import release_free_memory
 from api.errors import GatewayTimeout, Overloaded
-from api.memory import release_free_memory
-from api.model import Classifier
 
 BatchObserver = Callable[[int, float], None]
 IDLE_TRIM_S = 1.0
@@ -44,18 +44,17 @@ class BatchRun:
 
 @dataclass
 class Ticket:
-    """Room reserved for `images` admitted images; `queued` of them have reached the queue."""
+    """Room reserved for admitted images; `queued` of them have reached the queue."""
 
-    images: int
     queued: int = 0
 
 
-Prepared = np.ndarray | torch.Tensor  # what Classifier.prepare returns for one image
+Prepared = np.ndarray  # what Classifier.prepare returns for one image: H x W x 3 uint8
 
 
 @dataclass
 class _Item:
-    tensor: Prepared
+    pixels: Prepared
     future: asyncio.Future[tuple[torch.Tensor, BatchRun]]
     loop: asyncio.AbstractEventLoop
     queued_at: float = field(default_factory=time.monotonic)
@@ -129,7 +128,7 @@ class Batcher:
 
     @property
     def depth(self) -> int:
-        """Images admitted and not yet answered: what autoscaling and overload decisions look at."""
+        """Images admitted and not yet answered: what the queue-depth gauge reports."""
         return self._admitted
 
     @contextmanager
@@ -145,7 +144,7 @@ class Batcher:
             self._decoding += images
             depth = self._admitted
         self._report_depth(depth)
-        ticket = Ticket(images)
+        ticket = Ticket()
         try:
             yield ticket
         finally:
@@ -160,11 +159,11 @@ class Batcher:
             self._on_depth(depth)
 
     async def predict(
-        self, ticket: Ticket, tensors: list[Prepared], *, deadline: float | None = None
+        self, ticket: Ticket, images: list[Prepared], *, deadline: float | None = None
     ) -> tuple[torch.Tensor, list[BatchRun]]:
         """Scores for admitted, preprocessed images (rows in order) and how each was served."""
         loop = asyncio.get_running_loop()
-        items = [_Item(tensor, loop.create_future(), loop) for tensor in tensors]
+        items = [_Item(pixels, loop.create_future(), loop) for pixels in images]
         with self._lock:
             for item in items:
                 self._queue.put(item)
@@ -221,7 +220,7 @@ class Batcher:
             started = time.perf_counter()
             began = time.monotonic()
             try:
-                scores = classifier.predict_prepared([item.tensor for item in batch])
+                scores = classifier.forward([item.pixels for item in batch])
             except Exception as error:  # a failed pass fails its callers, never the thread
                 for item in batch:
                     _hand_over(item, _fail, error)

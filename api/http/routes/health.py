@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Response
 
-from api.deps import MetricsDep, StateDep
-from api.schemas import Health, Liveness
+from api.http.deps import MetricsDep, StateDep
+from api.http.schemas import Health, Liveness
 
 router = APIRouter(tags=["health"])
 
@@ -46,8 +46,7 @@ async def live() -> Liveness:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(metrics: MetricsDep, state: StateDep) -> Response:
+def metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format (`cat_breeds_api_*`): requests and latency by route and status, stages,
     inference time, batch size, queue depth, rejections, readiness, load time, GPU memory."""
-    metrics.ready.set(1 if state.ready else 0)
     return metrics.exposition()

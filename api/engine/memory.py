@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 M_TRIM_THRESHOLD = -1  # mallopt parameters, from glibc's malloc.h
 M_MMAP_THRESHOLD = -3
+M_ARENA_MAX = -8
+ARENA_MAX = 2  # as the image and `make run` set MALLOC_ARENA_MAX
 MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc refuses larger values on 64-bit
 OPERATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
 
@@ -65,6 +67,17 @@ def keep_freed_memory(keep_mb: int) -> str:
         return "heap policy: glibc refused mallopt, allocator defaults"
     _keeping = True
     return f"heap policy: keep up to {keep_mb} MB freed while busy, trimmed after a quiet second"
+
+
+def cap_arenas(arenas: int = ARENA_MAX) -> str:
+    """Cap glibc's malloc arenas for threads started from now on, unless the operator set
+    MALLOC_ARENA_MAX (or GLIBC_TUNABLES): what the image and `make run` do by environment, here for
+    every entry point (`uvicorn api.main:app` run directly, Gunicorn, tests)."""
+    if os.environ.get("MALLOC_ARENA_MAX") or os.environ.get("GLIBC_TUNABLES"):
+        return "malloc arenas: as the environment sets them"
+    if _LIBC is None or not _LIBC.mallopt(M_ARENA_MAX, arenas):
+        return "malloc arenas: not glibc, left as they are"
+    return f"malloc arenas: at most {arenas} (decode threads would each keep one of freed image buffers)"
 
 
 def release_free_memory() -> bool:

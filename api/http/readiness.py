@@ -10,35 +10,30 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from api.batching import Batcher
+from api.engine.classifier import Classifier
+from api.engine.service import Engine
 from api.errors import ServiceUnavailable
-from api.model import Classifier
 
 Status = Literal["loading", "ready", "failed", "draining", "stopping"]
+ReadyObserver = Callable[[bool], None]
 
 
-@dataclass(frozen=True)
-class Serving:
-    """What answers predictions once ready: the model, its batcher and the decode pool."""
-
-    classifier: Classifier
-    batcher: Batcher
-    decoder: ThreadPoolExecutor
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.decoder.shutdown(wait=True)
+def _ignore(ready: bool) -> None:
+    pass
 
 
 @dataclass
 class ServiceState:
+    """The one writer of readiness; `on_ready` (the ready gauge) observes every change."""
+
     status: Status = "loading"
     reason: str | None = "loading the model"
-    serving: Serving | None = None
+    engine: Engine | None = None
+    on_ready: ReadyObserver = _ignore
     started_at: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -48,36 +43,40 @@ class ServiceState:
 
     @property
     def classifier(self) -> Classifier | None:
-        return self.serving.classifier if self.serving else None
+        return self.engine.classifier if self.engine else None
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
 
-    def set_ready(self, serving: Serving) -> None:
+    def set_ready(self, engine: Engine) -> None:
         with self._lock:
             if self.status in ("loading", "draining"):  # draining: still serve, still close it at the end
-                self.serving = serving
+                self.engine = engine
             if self.status == "loading":
                 self.status, self.reason = "ready", None
+        self.on_ready(self.ready)
 
     def set_failed(self, reason: str) -> None:
         with self._lock:
             self.status, self.reason = "failed", reason
+        self.on_ready(False)
 
     def set_draining(self) -> None:
         with self._lock:
             if self.status in ("loading", "ready"):
                 self.status, self.reason = "draining", "shutting down: finishing in-flight requests"
+        self.on_ready(False)
 
     def set_stopping(self) -> None:
         with self._lock:
             self.status, self.reason = "stopping", "the service is shutting down"
+        self.on_ready(False)
 
-    def require_ready(self) -> Serving:
+    def require_ready(self) -> Engine:
         """What serves predictions, or a 503 that says why nothing does."""
-        serving = self.serving
-        if self.status not in ("ready", "draining") or serving is None:
+        engine = self.engine
+        if self.status not in ("ready", "draining") or engine is None:
             retry = 5 if self.status == "loading" else 30
             raise ServiceUnavailable(f"model not ready: {self.reason}", retry_after_s=retry)
-        return serving
+        return engine

@@ -110,6 +110,23 @@ class Metrics:
         for stage in STAGES:  # exported from the start, so dashboards see zeros, not gaps
             self.stage.labels(stage)
 
+    # --- the engine's observer (api.engine.service.Observer) and readiness's ----------------------
+
+    def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
+        self.batch_size.observe(size)
+        self.inference.observe(seconds)
+        if gpu_bytes is not None:
+            self.gpu_memory.set(gpu_bytes)
+
+    def on_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def on_stage(self, stage: str, seconds: float) -> None:
+        self.stage.labels(stage).observe(seconds)
+
+    def on_ready(self, ready: bool) -> None:
+        self.ready.set(1 if ready else 0)
+
     def exposition(self) -> Response:
         """The scrape: every worker's figures under Gunicorn, this process's otherwise."""
         if multiprocess_mode():

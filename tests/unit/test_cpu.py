@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from api import resources
-from api.resources import cgroup_cpu_quota, cpu_budget
+from api.engine import cpu as resources
+from api.engine.cpu import cgroup_cpu_quota, cpu_budget
 
 
 @pytest.mark.parametrize(

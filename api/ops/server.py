@@ -17,9 +17,12 @@ from types import FrameType
 from typing import Any, ClassVar
 
 import uvicorn
-from fastapi import FastAPI
 from gunicorn.arbiter import Arbiter
 from uvicorn_worker import UvicornWorker
+
+from api.config import Settings, get_settings
+from api.http.app import LoadPolicy, create_app
+from api.http.readiness import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -46,22 +49,21 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
-def begin_drain(app: FastAPI) -> None:
-    app.state.service.set_draining()
-    app.state.metrics.ready.set(0)
+EXIT_NOT_STARTED = 3  # as uvicorn.run: the server never started (port taken, failed lifespan)
 
 
-def serve(app: FastAPI, **config: Any) -> None:
-    """uvicorn.run for an app object, with draining (what `cat-breeds-api serve` runs)."""
-    settings = app.state.settings
+def serve(settings: Settings, **config: Any) -> None:
+    """uvicorn.run with draining (what `cat-breeds-api serve` runs): answers "loading" meanwhile."""
+    state = ServiceState()
+    app = create_app(settings, policy=LoadPolicy(exit_on_failure=True), state=state)
     server = DrainingServer(
         uvicorn.Config(app, timeout_graceful_shutdown=settings.graceful_timeout_s, **config),
         delay_s=settings.shutdown_delay_s,
-        on_drain=lambda: begin_drain(app),
+        on_drain=state.set_draining,
     )
     server.run()
     if not server.started:
-        sys.exit(3)  # as uvicorn.run: the server never started (port taken, failed lifespan)
+        sys.exit(EXIT_NOT_STARTED)
 
 
 class Worker(UvicornWorker):
@@ -80,12 +82,13 @@ class Worker(UvicornWorker):
     }
 
     async def _serve(self) -> None:
-        app: FastAPI = self.wsgi
-        settings = app.state.settings
-        app.state.accept_after_load = True  # the lifespan waits for the model before accepting
-        self.config.app = app
+        # The app Gunicorn imported (`api.main:app`) only proves the settings valid in the master;
+        # each worker builds its own with the policy it needs: accept once the model is loaded.
+        settings = get_settings()
+        state = ServiceState()
+        self.config.app = create_app(settings, policy=LoadPolicy(accept_after_load=True), state=state)
         self.config.timeout_graceful_shutdown = settings.graceful_timeout_s
-        server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=lambda: begin_drain(app))
+        server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=state.set_draining)
         self._install_sigquit_handler()
         heartbeat = asyncio.create_task(self._heartbeat_until_started(server))
         try:

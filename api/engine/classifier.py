@@ -1,0 +1,97 @@
+"""A loaded classifier: what is served (architecture, labels, preprocessing, checkpoint) and the
+runtime that scores it. Built complete by the loader and never changed afterwards."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from api.engine.checkpoint import Checkpoint
+from api.engine.preprocess import SplitTransform
+from api.engine.runtime import Runtime
+
+
+@dataclass(frozen=True, eq=False)
+class Classifier:
+    runtime: Runtime
+    split: SplitTransform  # resize + crop in the decode pool; normalisation in the runtime
+    transform: Callable[[Image.Image], torch.Tensor]  # timm's whole eval transform (the reference)
+    architecture: str
+    class_names: tuple[str, ...]
+    data_config: dict[str, Any]
+    device: torch.device
+    device_reason: str
+    checkpoint: Checkpoint
+    labels_source: str = ""
+    multi_label: bool = False
+    threshold: float = 0.5
+    runtime_reason: str = ""
+    precision_reason: str = ""
+    load_seconds: float = 0.0
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+
+    @property
+    def resize_short_side(self) -> int:
+        """The shorter side the eval transform resizes to before cropping (timm: size / crop_pct)."""
+        size = max(self.input_size[1:])
+        return math.ceil(size / float(self.data_config.get("crop_pct") or 1.0))
+
+    def prepare(self, image: Image.Image) -> np.ndarray:
+        """The per-image half, for the decode pool: RGB image -> H x W x 3 uint8, resized and cropped."""
+        return self.split.pixels(image)
+
+    def forward(self, items: Sequence[np.ndarray]) -> torch.Tensor:
+        """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU."""
+        return self.runtime.forward(np.stack(items))
+
+    def rank(self, scores: torch.Tensor, top_k: int) -> list[tuple[int, str, float]]:
+        """One image's scores -> [(index, label, score)], best first.
+
+        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
+        """
+        if self.multi_label:
+            indices = torch.nonzero(scores >= self.threshold).flatten()
+            order = indices[scores[indices].argsort(descending=True)]
+        else:
+            order = scores.topk(min(top_k, scores.numel())).indices
+        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+
+    def describe(self) -> dict[str, Any]:
+        """What is being served, in one place: the model-info route and the ready line both read it."""
+        ckpt = self.checkpoint
+        runtime = self.runtime.describe()
+        return {
+            "architecture": self.architecture,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "labels_source": self.labels_source,
+            "multi_label": self.multi_label,
+            "threshold": self.threshold if self.multi_label else None,
+            "preprocessing": {k: list(v) if isinstance(v, tuple) else v for k, v in self.data_config.items()},
+            "device": str(self.device),
+            "device_reason": self.device_reason,
+            "runtime": runtime.pop("runtime"),
+            "runtime_reason": self.runtime_reason,
+            "precision": runtime.pop("precision"),
+            "precision_reason": self.precision_reason,
+            "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.runtime.precision],
+            "runtime_details": runtime,
+            "checkpoint_path": str(ckpt.path),
+            "checkpoint_format": ckpt.format,
+            "checkpoint_sha256": ckpt.sha256,
+            "weights_key": ckpt.weights_key,
+            "load_seconds": round(self.load_seconds, 3),
+        }

@@ -1,0 +1,105 @@
+"""The OpenVINO runtime: the timm module converted in-process, compiled for this CPU.
+
+`openvino.convert_model` reads the PyTorch module directly (no ONNX file). Normalisation and the
+NHWC -> NCHW turn are folded into the graph (PrePostProcessor), so the runtime takes the decode
+pool's uint8 pixels as they are. One model with a dynamic batch dimension serves every batch size:
+measured here against one compiled shape per padded size, the same speed within noise, with no
+padding and one compiled copy of the weights. Threads come from the CPU quota; one stream, since
+the batcher already forms the batches.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from api.engine.runtime import Head
+from api.errors import ConfigError, first_line
+
+logger = logging.getLogger(__name__)
+
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+
+
+def openvino_version() -> str:
+    import openvino
+
+    return str(openvino.__version__).split("-")[0]
+
+
+def convert(model: torch.nn.Module, input_size: tuple[int, int, int], head: Head) -> Any:
+    """timm module -> an `openvino.Model` taking N x H x W x 3 uint8 and answering logits."""
+    import openvino
+    from openvino.preprocess import PrePostProcessor
+
+    channels, height, width = input_size
+    try:
+        converted = openvino.convert_model(model, example_input=torch.zeros(1, channels, height, width))
+    except Exception as error:  # the converter fails in many ways (unsupported ops, tracing)
+        raise ConfigError(f"OpenVINO cannot convert this model: {first_line(error)}") from None
+    converted.reshape([-1, channels, height, width])
+    ppp = PrePostProcessor(converted)
+    ppp.input().tensor().set_element_type(openvino.Type.u8).set_layout(openvino.Layout("NHWC"))
+    ppp.input().model().set_layout(openvino.Layout("NCHW"))
+    ppp.input().preprocess().convert_element_type(openvino.Type.f32).mean([255.0 * m for m in head.mean]).scale(
+        [255.0 * s for s in head.std]
+    )
+    return ppp.build()
+
+
+@dataclass(frozen=True, eq=False)
+class OpenVINORuntime:
+    compiled: Any  # openvino.CompiledModel
+    request: Any  # its one InferRequest: only the inference thread runs it
+    head: Head
+    precision: str
+    threads: int
+    name: str = "openvino"
+    padded_sizes: tuple[int, ...] = ()
+
+    def forward(self, pixels: np.ndarray) -> torch.Tensor:
+        logits = self.request.infer({0: np.ascontiguousarray(pixels)})[0]
+        return self.head.scores(torch.from_numpy(np.array(logits, copy=True)))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "runtime": self.name,
+            "precision": self.precision,
+            "openvino": openvino_version(),
+            "threads": self.threads,
+            "compiled": False,
+            "cuda_graphs": False,
+            "padded_sizes": [],
+        }
+
+
+def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> OpenVINORuntime:
+    """An `openvino.Model` compiled for this CPU at `precision` (fp32 or bf16) with `threads` threads."""
+    import openvino
+
+    if precision not in OV_PRECISION:
+        raise ConfigError(f"API_PRECISION={precision} is not available with API_RUNTIME=openvino; use bf16 or fp32")
+    core = openvino.Core()
+    compiled = core.compile_model(
+        model,
+        "CPU",
+        {
+            "INFERENCE_PRECISION_HINT": OV_PRECISION[precision],
+            "INFERENCE_NUM_THREADS": threads,
+            "PERFORMANCE_HINT": "LATENCY",
+            "NUM_STREAMS": 1,
+        },
+    )
+    return OpenVINORuntime(compiled, compiled.create_infer_request(), head, precision, threads)
+
+
+def available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,106 @@
+"""What runs the forward pass: the `Runtime` protocol, and how one is chosen (API_RUNTIME, API_PRECISION).
+
+A runtime is built complete by the loader and never changed afterwards. It takes a batch of the
+decode pool's output (N x H x W x 3 uint8, already resized and cropped) and answers float32 scores
+on the CPU (softmax, or sigmoid for multi-label models). Normalisation is the runtime's job: on a
+GPU it runs there, in OpenVINO it is part of the compiled graph.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+CPUINFO = Path("/proc/cpuinfo")
+# CPU flags that make bf16 a hardware type (Intel AMX, AVX512-BF16); elsewhere it is emulated, and slow
+BF16_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+class Runtime(Protocol):
+    name: str  # "torch" or "openvino"
+    precision: str  # "fp32", "fp16" or "bf16": what the forward pass computes in
+    padded_sizes: tuple[int, ...]  # batch sizes it is fed (padded up to); () = any
+
+    def forward(self, pixels: np.ndarray) -> torch.Tensor:
+        """N x H x W x 3 uint8 -> N x C float32 scores on the CPU."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """What it is, for the model-info route and the ready line."""
+        ...
+
+
+@dataclass(frozen=True)
+class Head:
+    """How logits become scores, and the normalisation in front of the model (timm's data config)."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    multi_label: bool = False
+
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float()
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+
+
+def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("flags"):
+                return frozenset(line.partition(":")[2].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def cpu_has_bf16(cpuinfo: Path = CPUINFO) -> bool:
+    """True when bf16 is a hardware type here (AMX or AVX512-BF16)."""
+    return any(flag in cpu_flags(cpuinfo) for flag in BF16_FLAGS)
+
+
+def cpu_model_name(cpuinfo: Path = CPUINFO) -> str:
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return "unknown cpu"
+
+
+@dataclass(frozen=True)
+class Precision:
+    value: str  # fp32, fp16 or bf16
+    reason: str  # why, in words, for the ready line
+
+
+def resolve_precision(setting: str, device: torch.device, *, multi_label: bool, has_bf16: bool) -> Precision:
+    """API_PRECISION -> what the forward pass computes in, and why."""
+    if setting != "auto":
+        return Precision(setting, f"API_PRECISION={setting}")
+    if device.type != "cpu":
+        return Precision("fp32", "API_PRECISION=auto: fp32 on GPUs (set fp16 or bf16 for autocast)")
+    if multi_label:
+        return Precision("fp32", "API_PRECISION=auto: fp32 for a multi-label model (thresholds are exact)")
+    if has_bf16:
+        return Precision("bf16", "API_PRECISION=auto: bf16, the CPU has AMX/AVX512-BF16")
+    return Precision("fp32", "API_PRECISION=auto: fp32, the CPU has no bf16 hardware (AMX/AVX512-BF16)")
+
+
+def pad_rows(pixels: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:
+    """Pad a batch with zero images up to the next of `sizes` (no new shapes for a compiled model)."""
+    rows = pixels.shape[0]
+    size = next((s for s in sizes if s >= rows), rows)
+    if size == rows:
+        return pixels
+    return np.concatenate([pixels, np.zeros((size - rows, *pixels.shape[1:]), dtype=pixels.dtype)])
+
+
+def batch_buckets(max_batch_size: int) -> tuple[int, ...]:
+    """The batch sizes a padded model sees: powers of two up to, and including, the largest batch."""
+    return tuple(sorted({min(2**i, max_batch_size) for i in range(max_batch_size.bit_length() + 1)}))

@@ -1,0 +1,223 @@
+"""The serving object: one pipeline from uploaded bytes to ranked labels.
+
+    admit (bounded: 503 beyond API_MAX_QUEUE) -> decode + resize/crop in the decode pool
+      -> the batcher (one inference thread, batches by size or deadline) -> the runtime -> rank
+
+`Engine` owns the decode pool, the batcher, the classifier and ranking, and answers "classify these
+uploads" item by item: a result or an error each, so one bad file never fails the others. The HTTP
+routes, `cat-breeds-api predict` (local mode) and the bench's in-process ceiling all call it: there
+is one truth about how an image is classified.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from api.config import BatchingSettings, ModelSettings
+from api.engine.batching import Batcher, BatchRun, Ticket
+from api.engine.classifier import Classifier
+from api.engine.cpu import CpuBudget, cpu_budget
+from api.engine.loader import load_classifier
+from api.engine.memory import cap_arenas, keep_freed_memory, release_after_decode
+from api.engine.preprocess import decode_image
+from api.errors import RequestError
+
+logger = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    """Where the engine reports its figures (the HTTP side's Prometheus metrics)."""
+
+    def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None: ...
+    def on_depth(self, depth: int) -> None: ...
+    def on_stage(self, stage: str, seconds: float) -> None: ...
+
+
+class _Quiet:
+    def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
+        pass
+
+    def on_depth(self, depth: int) -> None:
+        pass
+
+    def on_stage(self, stage: str, seconds: float) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class ImageDescription:
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One image's answer: its labels (best first), its scores and how it was served."""
+
+    labels: list[tuple[int, str, float]]
+    scores: torch.Tensor
+    image: ImageDescription
+    run: BatchRun
+
+
+Outcome = Classified | RequestError
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The outcomes in upload order, when decoding ended, and the batches that served them."""
+
+    outcomes: list[Outcome]
+    prepared_at: float  # time.perf_counter() once every upload was decoded
+
+    @property
+    def runs(self) -> list[BatchRun]:
+        return [o.run for o in self.outcomes if isinstance(o, Classified)]
+
+
+class Engine:
+    """The classifier, its batcher and the decode pool, started together and closed together."""
+
+    def __init__(
+        self,
+        classifier: Classifier,
+        batcher: Batcher,
+        decoder: ThreadPoolExecutor,
+        options: BatchingSettings,
+        cpu: CpuBudget,
+        observer: Observer,
+    ):
+        self.classifier = classifier
+        self.batcher = batcher
+        self.options = options
+        self.cpu = cpu
+        self._decoder = decoder
+        self._observer = observer
+        self._reduce_to = classifier.resize_short_side if options.reduced_decode else None
+
+    @classmethod
+    def start(cls, model: ModelSettings, batching: BatchingSettings, observer: Observer | None = None) -> Engine:
+        """Load the classifier on the inference thread (threads sized from the CPU quota), start its
+        batcher and the decode pool. Blocks until loaded and warmed up."""
+        watcher = observer or _Quiet()
+        budget = cpu_budget(batching.num_threads, workers=batching.workers)
+        logger.info("cpu: %s; inference threads %d, decode pool %d", budget.describe(), budget.threads, budget.threads)
+        logger.info(keep_freed_memory(batching.heap_keep_mb))
+        logger.info(cap_arenas())
+
+        def load() -> Classifier:
+            torch.set_num_threads(budget.threads)
+            return load_classifier(model, threads=budget.threads)
+
+        def on_batch(size: int, seconds: float) -> None:
+            device = batcher.classifier.device if batcher.classifier is not None else None
+            gpu = torch.cuda.memory_allocated(device) if device is not None and device.type == "cuda" else None
+            watcher.on_batch(size, seconds, gpu)
+
+        batcher = Batcher(
+            max_batch_size=batching.max_batch_size,
+            max_wait_s=batching.max_batch_wait_s,
+            max_queue=batching.max_queue,
+            timeout_s=batching.request_timeout_s,
+            on_batch=on_batch,
+            on_depth=watcher.on_depth,
+        )
+        classifier = batcher.start(load)
+        decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
+        return cls(classifier, batcher, decoder, batching, budget, watcher)
+
+    # --- the pipeline ----------------------------------------------------------------------------
+
+    def admit(self, images: int) -> AbstractContextManager[Ticket]:
+        """Reserve room for `images` before reading or decoding them, or 503 (Overloaded)."""
+        return self.batcher.admit(images)
+
+    def prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray]:
+        """Decode + the per-image half of preprocessing (in the decode pool). Only the model's input
+        and the image's description leave: a queued request holds its 224x224 pixels, never its canvas."""
+        decoded = decode_image(
+            data,
+            max_pixels=self.options.max_image_pixels,
+            reduce_to=self._reduce_to,
+            budget=self.options.decode_budget,
+        )
+        info = ImageDescription(decoded.width, decoded.height, decoded.format)
+        pixels = self.classifier.prepare(decoded.image)
+        priced = decoded.cost.memory
+        del decoded
+        release_after_decode(priced)
+        return info, pixels
+
+    async def _prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray] | RequestError:
+        loop = asyncio.get_running_loop()
+        # in the caller's context: its request id on any record the decoder writes
+        job = functools.partial(contextvars.copy_context().run, self.prepare, data)
+        started = time.perf_counter()
+        try:
+            return await loop.run_in_executor(self._decoder, job)
+        except RequestError as error:
+            return error
+        finally:
+            self._observer.on_stage("decode", time.perf_counter() - started)
+
+    async def classify(
+        self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+    ) -> Classification:
+        """Admitted uploads -> one outcome each, in order. Decoded concurrently, then classified
+        together; a file that fails to decode gets its error, the others their labels. A passed
+        deadline (504) concerns them all and is raised."""
+        prepared = await asyncio.gather(*(self._prepare(data) for data in uploads))
+        prepared_at = time.perf_counter()
+        good = [(row, item) for row, item in enumerate(prepared) if not isinstance(item, RequestError)]
+        outcomes: list[Outcome | None] = [item if isinstance(item, RequestError) else None for item in prepared]
+        if good:
+            scores, runs = await self.batcher.predict(ticket, [pixels for _, (_, pixels) in good], deadline=deadline)
+            for place, (row, (info, _)) in enumerate(good):
+                run = runs[place]
+                self._observer.on_stage("queue", run.queued_s)
+                self._observer.on_stage("forward", run.forward_s)
+                labels = self.classifier.rank(scores[place], top_k)
+                outcomes[row] = Classified(labels, scores[place], info, run)
+        return Classification([outcome for outcome in outcomes if outcome is not None], prepared_at)
+
+    async def classify_all(
+        self, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+    ) -> Classification:
+        """Admit and classify (the CLI's local mode, the bench's ceiling)."""
+        with self.admit(len(uploads)) as ticket:
+            return await self.classify(ticket, uploads, top_k=top_k, deadline=deadline)
+
+    # --- what it is --------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        """The classifier's description plus the limits it serves under (the ready line, /api/v1/model)."""
+        options = self.options
+        return {
+            **self.classifier.describe(),
+            "cpu": self.cpu.describe(),
+            "max_batch_size": options.max_batch_size,
+            "max_batch_wait_ms": options.max_batch_wait_s * 1000,
+            "max_queue": options.max_queue,
+            "request_timeout_s": options.request_timeout_s,
+            "max_image_pixels": options.max_image_pixels,
+            "decode_budget_mb": round(options.decode_budget.allowance.memory_mb),
+            "reduced_decode": options.reduced_decode,
+        }
+
+    def close(self) -> None:
+        """Finish what is queued, then stop the inference thread and the decode pool."""
+        self.batcher.close()
+        self._decoder.shutdown(wait=True)

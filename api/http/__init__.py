@@ -1,0 +1,1 @@
+"""The HTTP side: app factory, middleware, routes, schemas, uploads, readiness and metrics."""

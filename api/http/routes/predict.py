@@ -1,0 +1,187 @@
+"""Prediction routes: one image, or several in one request. They parse the request and shape the
+answer; the engine (api/engine/service.py) does the rest."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+
+from api.engine.classifier import Classifier
+from api.engine.service import Classification, Classified
+from api.errors import RequestError
+from api.http.deps import MetricsDep, SettingsDep, StateDep, require_api_key
+from api.http.metrics import Metrics
+from api.http.schemas import (
+    Base64Image,
+    BatchItem,
+    BatchResponse,
+    ErrorBody,
+    ErrorResponse,
+    ImageInfo,
+    Label,
+    ModelIdentity,
+    Prediction,
+    PredictResponse,
+    Timing,
+)
+from api.http.uploads import Upload, read_uploads
+
+router = APIRouter(prefix="/api/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
+
+TopK = Annotated[
+    int | None, Query(ge=1, le=1000, description="Labels to return (default API_TOP_K; ignored for multi-label).")
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Corrupt or undecodable image, bad base64/JSON."},
+    401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
+    413: {
+        "model": ErrorResponse,
+        "description": "Upload over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
+        "than API_DECODE_BUDGET_MP.",
+    },
+    415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
+    422: {"model": ErrorResponse, "description": "No file in the request, or a bad query parameter."},
+    503: {"model": ErrorResponse, "description": "Over capacity (API_MAX_QUEUE) or model not ready; see Retry-After."},
+    504: {"model": ErrorResponse, "description": "No answer within API_REQUEST_TIMEOUT_S (queueing included)."},
+}
+
+
+def _body_doc(multiple: bool) -> dict[str, Any]:
+    file_schema: dict[str, Any] = {"type": "string", "format": "binary"}
+    if multiple:
+        file_schema = {"type": "array", "items": file_schema}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {
+                "multipart/form-data": {
+                    "schema": {"type": "object", "required": ["file"], "properties": {"file": file_schema}}
+                },
+                "image/*": {"schema": {"type": "string", "format": "binary"}},
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+                "application/json": {"schema": Base64Image.model_json_schema()},
+            },
+        }
+    }
+
+
+def _identity(classifier: Classifier) -> ModelIdentity:
+    return ModelIdentity(
+        architecture=classifier.architecture,
+        num_classes=classifier.num_classes,
+        checkpoint_sha256=classifier.checkpoint.sha256,
+        multi_label=classifier.multi_label,
+    )
+
+
+def _prediction(result: Classified) -> Prediction:
+    return Prediction(
+        predictions=[Label(index=i, label=name, score=score) for i, name, score in result.labels],
+        image=ImageInfo(width=result.image.width, height=result.image.height, format=result.image.format),
+    )
+
+
+def _record(metrics: Metrics, outcome: str, count: int = 1) -> None:
+    metrics.images.labels(outcome).inc(count)
+    if outcome in ("overloaded", "timeout"):
+        metrics.rejected.labels(outcome).inc(count)
+
+
+async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files: int) -> list[Upload]:
+    started = time.perf_counter()
+    uploads = await read_uploads(request, max_bytes=max_bytes, max_files=max_files)
+    metrics.on_stage("read", time.perf_counter() - started)
+    return uploads
+
+
+def _timing(started: float, classification: Classification, request: Request) -> Timing:
+    runs = classification.runs
+    request.state.batch_size = max((run.size for run in runs), default=0)  # for the access log line
+    return Timing(
+        decode_ms=round((classification.prepared_at - started) * 1000, 3),
+        inference_ms=round(max((run.forward_s for run in runs), default=0.0) * 1000, 3),
+        total_ms=round((time.perf_counter() - started) * 1000, 3),
+    )
+
+
+@router.post(
+    "/predict",
+    response_model=PredictResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_doc(multiple=False),
+    summary="Classify one image",
+)
+async def predict(
+    request: Request, state: StateDep, settings: SettingsDep, metrics: MetricsDep, top_k: TopK = None
+) -> PredictResponse:
+    """Classify one image sent as multipart field `file` (`curl -F file=@cat.jpg`), as a raw image
+    body, or as JSON `{"image": "<base64>"}`. Answers the top-k labels (every label above the
+    threshold for multi-label models), the model identity and timing."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + settings.request_timeout_s  # counted from arrival, queueing included
+    engine = state.require_ready()
+    try:
+        # Admission first: over capacity is answered (503) before the body is even read.
+        with engine.admit(1) as ticket:
+            uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=1)
+            classification = await engine.classify(
+                ticket, [uploads[0].data], top_k=top_k or settings.top_k, deadline=deadline
+            )
+        (outcome,) = classification.outcomes
+        if isinstance(outcome, RequestError):
+            raise outcome
+    except RequestError as error:
+        _record(metrics, error.code)
+        raise
+    _record(metrics, "ok")
+    result = _prediction(outcome)
+    return PredictResponse(
+        predictions=result.predictions,
+        image=result.image,
+        model=_identity(engine.classifier),
+        timing=_timing(started, classification, request),
+    )
+
+
+@router.post(
+    "/predict/batch",
+    response_model=BatchResponse,
+    responses=_ERRORS,
+    openapi_extra=_body_doc(multiple=True),
+    summary="Classify several images",
+)
+async def predict_batch(
+    request: Request, state: StateDep, settings: SettingsDep, metrics: MetricsDep, top_k: TopK = None
+) -> BatchResponse:
+    """Classify up to API_MAX_BATCH_FILES images sent as repeated multipart `file` fields, in one
+    forward pass. Each file gets its own result or error; one bad file does not fail the others."""
+    started = time.perf_counter()
+    deadline = time.monotonic() + settings.request_timeout_s  # counted from arrival, queueing included
+    engine = state.require_ready()
+    uploads = await _read(request, metrics, max_bytes=settings.max_upload_bytes, max_files=settings.max_batch_files)
+    try:
+        with engine.admit(len(uploads)) as ticket:
+            classification = await engine.classify(
+                ticket, [u.data for u in uploads], top_k=top_k or settings.top_k, deadline=deadline
+            )
+    except RequestError as error:
+        _record(metrics, error.code, len(uploads))
+        raise
+    items = []
+    for upload, outcome in zip(uploads, classification.outcomes, strict=True):
+        if isinstance(outcome, RequestError):
+            _record(metrics, outcome.code)
+            items.append(
+                BatchItem(
+                    filename=upload.filename, ok=False, error=ErrorBody(code=outcome.code, message=outcome.message)
+                )
+            )
+        else:
+            _record(metrics, "ok")
+            items.append(BatchItem(filename=upload.filename, ok=True, result=_prediction(outcome)))
+    return BatchResponse(
+        results=items, model=_identity(engine.classifier), timing=_timing(started, classification, request)
+    )

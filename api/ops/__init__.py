@@ -1,0 +1,1 @@
+"""Operations: server runners (uvicorn, Gunicorn workers), the deployment preflight, the demo writer."""
