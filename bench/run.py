@@ -2,10 +2,10 @@
 
     make bench            # or: .venv/bin/python -m bench.run --help
 
-1. The ceiling: the same model and preprocessing called directly (decode + transform + forward),
-   at batch sizes 1..32 (or up to the service's largest batch). On a CPU serially (decode threads
-   would take the cores from torch); on a GPU the next batch is decoded in a pool as large as the
-   service's while the current one runs, as the service does. The best batch size is measured
+1. The ceiling: the service's own pipeline object (`api.engine.service.Engine`: decode pool,
+   batcher, runtime, ranking) called in-process, without HTTP, at concurrency 1..16 (or twice the
+   service's largest batch), with the same runtime (`--runtime`, `--precision`: the ceiling converts
+   and times into a fresh model cache that the service then reads). The best level is measured
    again, 3x longer (the best of a noisy sweep alone would be biased upwards), and again after
    every service level, for images/s (the median of those samples: this machine's speed drifts
    over minutes); and the batch-1 latency, sampled at the same moments.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import concurrent.futures
 import io
 import json
 import os
@@ -43,16 +42,13 @@ import torch
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.config import Settings
+from api.config import load_settings
 from api.engine.batching import IDLE_TRIM_S
 from api.engine.cpu import cpu_budget
 from api.engine.labels import CAT_BREEDS
-from api.engine.loader import load_classifier
-from api.engine.memory import keep_freed_memory
-from api.engine.preprocess import decode_image
+from api.engine.service import Engine
 
 ROOT = Path(__file__).resolve().parents[1]
-MAX_PIXELS = 50_000_000
 
 
 def _jpeg(image: Image.Image) -> bytes:
@@ -81,105 +77,105 @@ def write_checkpoint(folder: Path, model_name: str, num_classes: int) -> Path:
 
 
 class Ceiling:
-    """Decode + preprocess + forward called directly: the best the service could do with this model.
+    """The service's own pipeline object (api.engine.service.Engine) called in-process: decode pool,
+    batcher, runtime and ranking, everything but HTTP. The best the service could do.
 
     The machine's speed drifts by several percent over minutes, so the ceiling is not measured once
-    and compared with service runs minutes later: after the sweep, the best batch size is measured
-    again, 3x longer (the best of a noisy sweep alone is biased upwards), and again after every
-    service level (`resample`, while the service is idle), with the batch-1 latency; ratios use
+    and compared with service runs minutes later: after the sweep over concurrency, the best level
+    is measured again, 3x longer (the best of a noisy sweep alone is biased upwards), and again after
+    every service level (`resample`, while the service is idle), with the batch-1 latency; ratios use
     the medians of those samples.
     """
 
     def __init__(self, checkpoint: Path, args: argparse.Namespace):
-        torch.set_num_threads(cpu_budget(None).threads)
-        keep_freed_memory(Settings.model_fields["heap_keep_mb"].default)  # the service's heap policy, here too
         self.args = args
-        self.classifier = load_classifier(
-            checkpoint,
+        settings = load_settings(
+            _env_file=None,
+            checkpoint_path=checkpoint,
             model_name=args.model,
             num_classes=args.num_classes,
             image_size=args.image_size,
             device=args.device,
+            runtime=args.runtime,
             precision=args.precision,
-            max_batch_size=max(args.ceiling_batches),  # on CUDA: every size of the sweep warmed up
+            max_batch_size=args.max_batch_size,  # the service's: the same runtime choice, the same batches
+            max_queue=max(args.ceiling_batches) * 2,
+            cache_dir=args.cache_dir,
         )
-        threads = cpu_budget(None).threads
-        self.decoder = (
-            concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="ceiling-decode")
-            if self.classifier.device.type == "cuda"
-            else None
-        )
-        self.pipeline = f"decode pool of {threads}, overlapped" if self.decoder else "serial"
+        self.engine = Engine.start(settings.model_group, settings.batching_group)
+        self.classifier = self.engine.classifier
+        self.pipeline = f"the service's engine in-process, {self.engine.cpu.describe()}"
 
-    def _prepare(self, data: bytes, reduced: bool) -> object:
-        reduce_to = self.classifier.resize_short_side if reduced else None
-        return self.classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS, reduce_to=reduce_to).image)
+    def _run(self, data: bytes, concurrency: int, images: int) -> float:
+        """`images` classifications, `concurrency` at a time, through the engine: images/s."""
 
-    def _pipeline(self, data: bytes, batch: int, *, reduced: bool) -> None:
-        # the service's own per-image and batched halves, called directly and serially
-        self.classifier.forward([self._prepare(data, reduced) for _ in range(batch)])
+        async def worker(count: int) -> None:
+            for _ in range(count):
+                await self.engine.classify_all([data], top_k=5)
 
-    def _rate(self, data: bytes, batch: int, images: int, *, reduced: bool) -> float:
-        rounds = max(1, images // batch)
+        async def main() -> None:
+            share = max(1, images // concurrency)
+            await asyncio.gather(*(worker(share) for _ in range(concurrency)))
+
         started = time.perf_counter()
-        if self.decoder is None:
-            for _ in range(rounds):
-                self._pipeline(data, batch, reduced=reduced)
-        else:  # decode the next batch in the pool while this one runs on the GPU
-            submit = self.decoder.submit
-            pending = [submit(self._prepare, data, reduced) for _ in range(batch)]
-            for round_ in range(rounds):
-                items = [future.result() for future in pending]
-                if round_ + 1 < rounds:
-                    pending = [submit(self._prepare, data, reduced) for _ in range(batch)]
-                self.classifier.forward(items)
-        return rounds * batch / (time.perf_counter() - started)
+        asyncio.run(main())
+        return max(1, images // concurrency) * concurrency / (time.perf_counter() - started)
+
+    def _rate(self, data: bytes, concurrency: int, images: int, *, reduced: bool) -> float:
+        return self._run(data, concurrency, images)
 
     def measure(self, data: bytes, *, reduced: bool) -> dict:
-        """Sweep the batch sizes, re-measure the best one, time its forward pass and the batch-1 latency."""
+        """Sweep the concurrency, re-measure the best, time the forward pass alone and the batch-1 latency."""
         args = self.args
         sweep = {}
-        for batch in args.ceiling_batches:
-            self._pipeline(data, batch, reduced=reduced)  # warm this shape
-            sweep[batch] = self._rate(data, batch, args.ceiling_images, reduced=reduced)
-        batch = max(sweep, key=sweep.__getitem__)
-        samples = [self._rate(data, batch, 3 * args.ceiling_images, reduced=reduced)]
-        # the forward pass alone at that batch size: what the service's inference thread is compared with
-        items = [self.classifier.prepare(decode_image(data, max_pixels=MAX_PIXELS).image) for _ in range(batch)]
+        for level in args.ceiling_batches:
+            self._run(data, level, level)  # warm this level
+            sweep[level] = self._rate(data, level, max(args.ceiling_images, 2 * level), reduced=reduced)
+        level = max(sweep, key=sweep.__getitem__)
+        samples = [self._rate(data, level, 3 * args.ceiling_images, reduced=reduced)]
+        # the forward pass alone at the largest batch: what the service's inference thread is compared with
+        batch = args.max_batch_size
+        _, pixels = self.engine.prepare(data)
         rounds = max(1, args.ceiling_images // batch)
         started = time.perf_counter()
         for _ in range(rounds):
-            self.classifier.forward(items)
+            self.classifier.forward([pixels] * batch)
         forward_ms = 1000 * (time.perf_counter() - started) / (rounds * batch)
         latencies = self._latencies_ms(data, reduced=reduced)
         return {
             "images_per_s": samples[0],
             "samples": samples,
-            "batch": batch,
+            "batch": level,
             "sweep": sweep,
             "forward_ms_per_image": forward_ms,
             "batch1_p50_ms": statistics.median(latencies),
             "batch1_ms": latencies,
             "reduced": reduced,
             "pipeline": self.pipeline,
+            "runtime": self.classifier.describe()["runtime"],
+            "precision": self.classifier.describe()["precision"],
+            "runtime_reason": self.classifier.runtime_reason,
         }
 
     def _latencies_ms(self, data: bytes, *, reduced: bool) -> list[float]:
         latencies = []
         for _ in range(self.args.latency_samples):
             started = time.perf_counter()
-            self._pipeline(data, 1, reduced=reduced)
+            asyncio.run(self.engine.classify_all([data], top_k=5))
             latencies.append(1000 * (time.perf_counter() - started))
         return latencies
 
     def resample(self, data: bytes, result: dict) -> None:
-        """One more sample of the best batch size and of the batch-1 latency; both become medians."""
+        """One more sample of the best level and of the batch-1 latency; both become medians."""
         result["samples"].append(
             self._rate(data, result["batch"], 3 * self.args.ceiling_images, reduced=result["reduced"])
         )
         result["images_per_s"] = statistics.median(result["samples"])
         result["batch1_ms"] += self._latencies_ms(data, reduced=result["reduced"])
         result["batch1_p50_ms"] = statistics.median(result["batch1_ms"])
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 # --- the service -----------------------------------------------------------------------------------
@@ -220,7 +216,8 @@ class Server:
         environment.update(
             API_CHECKPOINT_PATH=str(checkpoint), API_MODEL_NAME=args.model, API_NUM_CLASSES=str(args.num_classes),
             API_IMAGE_SIZE=str(args.image_size), API_DEVICE=args.device, API_PORT=str(self.port),
-            API_MAX_QUEUE=str(args.max_queue), API_PRECISION=args.precision,
+            API_MAX_QUEUE=str(args.max_queue), API_PRECISION=args.precision, API_RUNTIME=args.runtime,
+            API_CACHE_DIR=str(args.cache_dir),
             API_MAX_BATCH_SIZE=str(args.max_batch_size), LOG_LEVEL="WARNING",
             WEB_CONCURRENCY=str(workers), MALLOC_ARENA_MAX="2",  # the arena cap: as image and make run
         )  # fmt: skip
@@ -446,7 +443,8 @@ def main() -> None:
     parser.add_argument("--num-classes", type=int, default=67)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    parser.add_argument("--runtime", default="auto", choices=["auto", "torch", "openvino"])
+    parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--max-batch-size", type=int, default=8, help="API_MAX_BATCH_SIZE of the service")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--requests", type=int, default=160, help="requests per concurrency level (at least 2x it)")
@@ -462,7 +460,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
-    args.ceiling_batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(32, args.max_batch_size)]
+    # concurrency levels of the in-process ceiling
+    args.ceiling_batches = [b for b in (1, 2, 4, 8, 16, 32, 64, 128) if b <= max(16, 2 * args.max_batch_size)]
     args.out.mkdir(parents=True, exist_ok=True)
     photos = {name: data for name, data in images().items() if name in args.images.split(",")}
     results: dict = {
@@ -470,6 +469,7 @@ def main() -> None:
         "device": args.device,
         "gpu": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else None,
         "precision": args.precision,
+        "runtime": args.runtime,
         "max_batch_size": args.max_batch_size,
         "workers": args.workers,
         "cpus": cpu_budget(None).describe(),
@@ -477,10 +477,12 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as folder:
         checkpoint = write_checkpoint(Path(folder), args.model, args.num_classes)
+        args.cache_dir = Path(folder) / "cache"  # empty: the ceiling converts and times; the service reads it
         # Ceilings first, with nothing else running; the large photo's ceiling decodes it fully. Each
         # is sampled again after every service level (the service idle by then): see Ceiling.
         ceiling = Ceiling(checkpoint, args)
-        ceilings = {name: ceiling.measure(data, reduced=False) for name, data in photos.items()}
+        ceilings = {name: ceiling.measure(data, reduced=True) for name, data in photos.items()}
+        results["runtime_chosen"] = ceiling.classifier.runtime_reason
         server = Server(checkpoint, args, workers=args.workers, **dict(item.split("=", 1) for item in args.server_env))
         results["cold_start_s"] = server.cold_start_s
         try:
@@ -501,6 +503,7 @@ def main() -> None:
             results["service_pss_idle_mb"] = server.pss_mb()
         finally:
             server.stop()
+        ceiling.close()  # idle from here on
         if not args.skip_extras and "photo_1600x1066" in photos:
             big = photos["photo_1600x1066"]
             off = Server(checkpoint, args, API_REDUCED_DECODE="false")
@@ -547,7 +550,7 @@ def _summary(results: dict) -> dict[str, float]:
             summary["concurrency1_p50_x_batch1"] = rows[0]["p50_ms"] / ceiling["batch1_p50_ms"]
     big = results["images"].get("photo_1600x1066")
     if big:
-        summary["large_jpeg_x_full_decode_ceiling"] = (
+        summary["large_jpeg_x_ceiling"] = (
             max(r["images_per_s"] for r in big["service"]) / big["ceiling"]["images_per_s"]
         )
     summary.update(

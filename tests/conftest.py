@@ -14,6 +14,18 @@ from PIL import Image
 from api.ops.demo import write_demo_model
 from tests.helpers import jpeg_bytes, make_settings, running_server, tiny_model
 
+TIERS = ("unit", "integration", "api", "e2e", "reliability", "browser", "deploy", "container", "gpu")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Each test is marked with its tier, its folder: `pytest -m unit` is the fast default tier (tiny
+    models only); `-m "not container"` and so on select the others."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        tier = next((part for part in reversed(parts) if part in TIERS), None)
+        if tier is not None:
+            item.add_marker(getattr(pytest.mark, tier))
+
 
 @pytest.fixture(scope="session")
 def model_cache_home(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -94,7 +94,10 @@ def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> 
             "NUM_STREAMS": 1,
         },
     )
-    return OpenVINORuntime(compiled, compiled.create_infer_request(), head, precision, threads)
+    effective = "bf16" if "bf16" in str(compiled.get_property("INFERENCE_PRECISION_HINT")) else "fp32"
+    if effective != precision:
+        logger.warning("OpenVINO computes in %s here: this CPU has no %s hardware", effective, precision)
+    return OpenVINORuntime(compiled, compiled.create_infer_request(), head, effective, threads)
 
 
 def available() -> bool:

@@ -122,6 +122,7 @@ def test_uvicorn_import_string_serves_from_environment(demo_dir: Path, tmp_path:
         wait_for(url, "/health/ready", timeout_s=120)
         body = httpx.post(url + "/api/v1/predict", files={"file": chelsea_jpeg}, headers={"X-API-Key": SECRET}).json()
         assert len(body["predictions"]) == 2
+        model_info = httpx.get(url + "/api/v1/model", headers={"X-API-Key": SECRET}).json()
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so supervisors see why it stopped
@@ -136,7 +137,12 @@ def test_uvicorn_import_string_serves_from_environment(demo_dir: Path, tmp_path:
     records = [json.loads(line) for line in output.splitlines() if line.strip()]
     ready = [r for r in records if r.get("event") == "ready"]
     assert len(ready) == 1 and ready[0]["message"].startswith("model ready: tf_efficientnet_lite0")
-    assert ready[0]["classes"] == 1000 and ready[0]["device"] == "cpu" and ready[0]["dtype"] == "fp32"
+    assert ready[0]["num_classes"] == 1000 and ready[0]["device"] == "cpu"
+    # the same description as GET /api/v1/model: runtime and precision, and why each
+    info = model_info  # read before the stop
+    assert info["runtime"] in ("torch", "openvino") and info["runtime_reason"].startswith("API_RUNTIME=auto")
+    for field in ("architecture", "runtime", "precision", "runtime_reason", "checkpoint_path", "max_batch_size"):
+        assert ready[0][field] == info[field], field
     assert ready[0]["max_queue"] > 0 and ready[0]["api_key"] == "set"
     assert SECRET not in output  # the key itself is never logged
     assert any(r["message"] == "Application shutdown complete." for r in records)

@@ -9,13 +9,20 @@ from api.engine.device import resolve_device
 from api.errors import ConfigError
 
 
-def test_auto_picks_the_best_available_and_explains() -> None:
+def test_auto_prefers_cuda_and_names_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # torch's answer, not ours to build
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Test GPU 80GB")
     device, reason = resolve_device("auto")
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
-    if expected == "cpu" and torch.backends.mps.is_available():
-        expected = "mps"
-    assert device.type == expected
-    assert reason.startswith("API_DEVICE=auto")
+    assert device == torch.device("cuda:0")
+    assert reason == "API_DEVICE=auto: CUDA is available (Test GPU 80GB)"
+
+
+def test_auto_without_a_gpu_uses_the_cpu_and_says_why(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    device, reason = resolve_device("auto")
+    assert device == torch.device("cpu")
+    assert reason.startswith("API_DEVICE=auto: no GPU usable (") and reason.endswith("), using CPU")
 
 
 def test_cpu_is_always_available() -> None:

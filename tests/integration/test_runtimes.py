@@ -1,0 +1,125 @@
+"""Every runtime and precision ranks real photos as PyTorch fp32 does (the demo model's real ImageNet
+weights), and the three architectures agree on top-1 under OpenVINO; the model cache is reused and
+a corrupt entry rebuilt, never served."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+import timm
+import torch
+from PIL import Image
+
+from api.engine.classifier import Classifier
+from api.engine.runtime import cpu_has_bf16
+from tests.helpers import load_model, scores_of
+
+PHOTOS = ["chelsea", "coffee", "astronaut", "cat", "rocket", "camera", "immunohistochemistry", "retina"]
+
+
+@pytest.fixture(scope="module")
+def photos() -> list[Image.Image]:
+    return [Image.fromarray(getattr(skimage.data, name)()).convert("RGB") for name in PHOTOS]
+
+
+@pytest.fixture(scope="module")
+def reference(demo_dir: Path, photos: list[Image.Image]) -> torch.Tensor:
+    return scores_of(load_model(demo_dir, runtime="torch", precision="fp32"), *photos)
+
+
+# (runtime, precision, max |probability difference| allowed against PyTorch fp32)
+CASES = [("openvino", "fp32", 1e-4), ("openvino", "bf16", 0.08), ("torch", "bf16", 0.08)]
+
+
+@pytest.mark.parametrize(("runtime", "precision", "tolerance"), CASES, ids=[f"{r}-{p}" for r, p, _ in CASES])
+def test_each_runtime_ranks_real_photos_as_pytorch_fp32(
+    runtime: str,
+    precision: str,
+    tolerance: float,
+    demo_dir: Path,
+    photos: list[Image.Image],
+    reference: torch.Tensor,
+) -> None:
+    classifier = load_model(demo_dir, runtime=runtime, precision=precision)
+    # OpenVINO says what it really computes in: f32 on a CPU without bf16 hardware
+    effective = "fp32" if runtime == "openvino" and not cpu_has_bf16() else precision
+    assert classifier.describe()["runtime"] == runtime and classifier.describe()["precision"] == effective
+    scores = scores_of(classifier, *photos)
+    assert scores.argmax(-1).tolist() == reference.argmax(-1).tolist()
+    difference = float((scores - reference).abs().max())
+    print(f"{runtime} {precision}: max |probability difference| {difference:.2g} over {len(photos)} photos")
+    assert difference <= tolerance
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(demo_dir: Path) -> None:
+    classifier = load_model(demo_dir, runtime="openvino", precision="auto")
+    assert classifier.describe()["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    multi = load_model(demo_dir, runtime="openvino", precision="auto", multi_label=True)
+    assert multi.describe()["precision"] == "fp32"  # a threshold turns a few percent into another answer
+
+
+@pytest.mark.parametrize("architecture", ["resnet50", "efficientnet_b3", "convnext_base"])
+def test_architectures_agree_on_top1_under_openvino(architecture: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, pretrained=False, num_classes=67).eval()
+    path = tmp_path / "best_model.pt"
+    torch.save({"architecture": architecture, "state_dict": model.state_dict()}, path)
+    del model
+    torch_fp32 = load_model(path, runtime="torch", precision="fp32")
+    openvino = load_model(path, runtime="openvino", precision="auto")
+    _, height, width = torch_fp32.input_size
+    rng = np.random.default_rng(1)
+    agree = total = 0
+    for _ in range(5):  # 5 batches of 8 random images
+        pixels = list(rng.integers(0, 256, (8, height, width, 3), dtype=np.uint8))
+        a, b = torch_fp32.forward(pixels), openvino.forward(pixels)
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        total += len(pixels)
+    assert agree / total >= 0.99, f"{architecture}: top-1 agrees on {agree}/{total}"
+
+
+def _cached_load(demo_dir: Path, cache: Path) -> tuple[Classifier, float]:
+    started = time.perf_counter()
+    classifier = load_model(demo_dir, runtime="auto", precision="auto", cache_dir=cache)
+    return classifier, time.perf_counter() - started
+
+
+def test_a_second_start_reads_the_cache_and_a_corrupt_entry_is_rebuilt(
+    demo_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cache = tmp_path / "cache"
+    caplog.set_level(logging.INFO, logger="api.engine")
+    first, cold = _cached_load(demo_dir, cache)
+    assert "converted the model to OpenVINO" in caplog.text and "timed now" in first.runtime_reason
+    caplog.clear()
+    second, warm = _cached_load(demo_dir, cache)
+    assert "OpenVINO model read from the cache" in caplog.text and "converted" not in caplog.text
+    assert "cached" in second.runtime_reason and second.describe()["runtime"] == first.describe()["runtime"]
+    print(f"load: {cold:.1f}s converting and timing, {warm:.1f}s from the cache")
+    assert warm < cold  # neither converted nor timed again
+
+    (weights,) = cache.glob("openvino-*/model.bin")
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # flipped weights: loads fine, answers wrong
+    weights.write_bytes(bytes(data))
+    caplog.clear()
+    third, _ = _cached_load(demo_dir, cache)
+    assert "unusable" in caplog.text and "converted the model to OpenVINO" in caplog.text
+    photo = Image.fromarray(skimage.data.chelsea())
+    torch.testing.assert_close(scores_of(third, photo), scores_of(second, photo))
+
+
+def test_openvino_refuses_what_it_cannot_run(demo_dir: Path, tmp_path: Path) -> None:
+    from api.errors import ConfigError
+
+    scripted = tmp_path / "scripted.pt"
+    torch.jit.save(torch.jit.script(timm.create_model("test_resnet", num_classes=3).eval()), scripted)
+    with pytest.raises(ConfigError, match="API_RUNTIME=openvino: a TorchScript checkpoint"):
+        load_model(scripted, model_name="test_resnet", runtime="openvino")
+    fallback = load_model(scripted, model_name="test_resnet", runtime="auto")
+    assert fallback.describe()["runtime"] == "torch" and "TorchScript" in fallback.runtime_reason
