@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-
 CPUINFO = Path("/proc/cpuinfo")
 # CPU flags that make bf16 a hardware type (Intel AMX, AVX512-BF16); elsewhere it is emulated, and slow
 BF16_FLAGS = ("amx_bf16", "avx512_bf16")
