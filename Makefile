@@ -65,6 +65,7 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check api tests bench scripts
 	$(BIN)/ruff format --check api tests bench scripts
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff format api tests bench scripts

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import csv
 import json
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -57,7 +58,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         "server_header": False,  # no software/version banner in responses
     }
     if args.reload:
-        common["timeout_graceful_shutdown"] = settings.graceful_timeout_s
+        common["timeout_graceful_shutdown"] = math.ceil(settings.graceful_timeout_s)
         # The reloader re-imports `api.main:app`, which reads the environment: pass overrides there.
         os.environ.update({"API_HOST": settings.host, "API_PORT": str(settings.port)})
         uvicorn.run("api.main:app", reload=True, reload_dirs=[str(Path(__file__).parent)], **common)
@@ -122,8 +123,8 @@ def _predict_remote(
             if response.status_code == 200:
                 yield {"path": str(path), "predictions": body["predictions"]}
             else:
-                error = body.get("error", {"code": f"http_{response.status_code}", "message": response.text[:200]})
-                yield {"path": str(path), "error": error}
+                failure = body.get("error", {"code": f"http_{response.status_code}", "message": response.text[:200]})
+                yield {"path": str(path), "error": failure}
             bar.update(1)
 
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import io
-import json
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -27,6 +22,17 @@ from api.config import ModelSettings, Settings
 from api.engine.classifier import Classifier
 from api.engine.loader import load_classifier
 from api.http.app import LoadPolicy, create_app
+from tests.support import (  # noqa: F401 (re-exported: the tests' one import for helpers)
+    BIN,
+    CLI,
+    ServerProcess,
+    eventually,
+    free_port,
+    process_env,
+    served_process,
+    start_process,
+    wait_for,
+)
 
 # ImageNet-1k indices 281..285: tabby, tiger cat, Persian cat, Siamese cat, Egyptian cat.
 IMAGENET_CATS = set(range(281, 286))
@@ -97,34 +103,6 @@ def running_server(
         sock.close()
 
 
-def eventually(check: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll `check` until it holds (work a server thread finishes after its response, e.g. a log line)."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not hold within {timeout_s}s")
-        time.sleep(0.02)
-
-
-def wait_for(
-    url: str, path: str = "/health", *, timeout_s: float = 60.0, accept: Callable[[int], bool] | None = None
-) -> None:
-    """Poll until `path` answers 200 (readiness poll, not a sleep)."""
-    accept = accept or (lambda status: status == 200)
-    deadline = time.monotonic() + timeout_s
-    last = "no answer"
-    while time.monotonic() < deadline:
-        try:
-            response = httpx.get(url + path, timeout=2.0)
-            if accept(response.status_code):
-                return
-            last = f"{response.status_code} {response.text[:200]}"
-        except httpx.TransportError as error:
-            last = repr(error)
-        time.sleep(0.05)
-    raise TimeoutError(f"{url}{path} not ready: {last}")
-
-
 def noise_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
@@ -141,106 +119,3 @@ def settled_health(url: str, *, timeout_s: float = 60.0) -> httpx.Response:
             return response
         time.sleep(0.05)
     raise TimeoutError(f"{url} still loading after {timeout_s}s")
-
-
-BIN = Path(sys.executable).parent
-CLI = str(BIN / "cat-breeds-api")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def process_env(**values: object) -> dict[str, str]:
-    """This environment without the developer's API_* / LOG_LEVEL, plus `values`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("API_") and k != "LOG_LEVEL"}
-    env.update({k: str(v) for k, v in values.items()})
-    return env
-
-
-def start_process(command: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen[str]:
-    """Start a server whose output goes to cwd/server.log (a pipe nobody reads would fill and stall it)."""
-    with (cwd / "server.log").open("w") as log:
-        return subprocess.Popen(command, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, text=True)
-
-
-def _tree(pid: int) -> list[int]:
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return [pid]
-    return [pid] + [p for kid in kids for p in _tree(kid)]
-
-
-class ServerProcess:
-    """A service started as users start it (`cat-breeds-api serve`, gunicorn), as a separate process."""
-
-    def __init__(self, command: list[str], cwd: Path, **env: object):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.cwd = cwd
-        self.process = start_process(command, process_env(API_PORT=self.port, **env), cwd)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def children(self) -> list[int]:
-        return _tree(self.pid)[1:]
-
-    def rss_mb(self) -> float:
-        """Resident memory of the server and its children (workers), in MiB."""
-        total = 0
-        for pid in _tree(self.pid):
-            try:
-                status = Path(f"/proc/{pid}/status").read_text()
-            except OSError:
-                continue
-            total += next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-        return total / 1024
-
-    def log(self) -> str:
-        return (self.cwd / "server.log").read_text()
-
-    def records(self) -> list[dict]:
-        """The JSON log lines (the default log format)."""
-        return [json.loads(line) for line in self.log().splitlines() if line.startswith("{")]
-
-    def wait_ready(self, timeout_s: float = 120) -> None:
-        """Poll /health until 200; fail at once, with the log, if the server exits instead."""
-        deadline = time.monotonic() + timeout_s
-        while self.process.poll() is None:
-            try:
-                if httpx.get(self.url + "/health", timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.url} not ready after {timeout_s}s:\n{self.log()[-3000:]}")
-            time.sleep(0.05)
-        raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=30)
-            raise
-
-
-@contextmanager
-def served_process(command: list[str], cwd: Path, *, ready: bool = True, **env: object) -> Iterator[ServerProcess]:
-    server = ServerProcess(command, cwd, **env)
-    try:
-        if ready:
-            server.wait_ready()
-        yield server
-    finally:
-        if server.process.poll() is None:
-            server.process.kill()
-        server.process.wait(timeout=30)

@@ -41,7 +41,7 @@ class Classifier:
 
     @property
     def input_size(self) -> tuple[int, int, int]:
-        return tuple(self.data_config["input_size"])  # type: ignore[return-value]
+        return tuple(self.data_config["input_size"])
 
     @property
     def resize_short_side(self) -> int:

@@ -101,6 +101,7 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
 
 
 def _build(ckpt: Checkpoint, settings: ModelSettings) -> _Built:
+    model: torch.nn.Module
     if ckpt.scripted is not None:
         model, architecture = ckpt.scripted, settings.model_name or DEFAULT_MODEL_NAME
         with torch.device("meta"):  # only its data config is needed: no memory, no weights
@@ -141,7 +142,7 @@ def _torch_runtime(
         torch.backends.cudnn.benchmark = True
         padded = batch_buckets(settings.max_batch_size)
     if settings.compile:
-        model = torch.compile(model)  # a compiled graph per padded size, compiled in warm_up
+        model = torch.compile(model)  # type: ignore[assignment]  # a compiled graph per padded size, in warm_up
         padded = batch_buckets(settings.max_batch_size)
     return TorchRuntime(model, device, head, precision.value, padded, compiled=settings.compile)
 
@@ -334,7 +335,7 @@ def _reconcile_num_classes(ckpt: Checkpoint, setting: int | None, outputs: int |
 
 
 def _classifier_outputs(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> tuple[str, int | None]:
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None  # type: ignore[operator]
     name = next((n for n, module in model.named_modules() if module is head), "") if head is not None else ""
     weight = state_dict.get(f"{name}.weight") if name else None
     return name, int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None

@@ -21,9 +21,20 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 
 
 class Runtime(Protocol):
-    name: str  # "torch" or "openvino"
-    precision: str  # "fp32", "fp16" or "bf16": what the forward pass computes in
-    padded_sizes: tuple[int, ...]  # batch sizes it is fed (padded up to); () = any
+    @property
+    def name(self) -> str:
+        """"torch" or "openvino"."""
+        ...
+
+    @property
+    def precision(self) -> str:
+        """"fp32", "fp16" or "bf16": what the forward pass computes in."""
+        ...
+
+    @property
+    def padded_sizes(self) -> tuple[int, ...]:
+        """Batch sizes it is fed (padded up to); () = any."""
+        ...
 
     def forward(self, pixels: np.ndarray) -> torch.Tensor:
         """N x H x W x 3 uint8 -> N x C float32 scores on the CPU."""

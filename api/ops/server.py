@@ -9,6 +9,7 @@ uvicorn's graceful shutdown stops accepting connections, finishes the requests i
 from __future__ import annotations
 
 import asyncio
+import math
 import logging
 import sys
 import threading
@@ -57,7 +58,7 @@ def serve(settings: Settings, **config: Any) -> None:
     state = ServiceState()
     app = create_app(settings, policy=LoadPolicy(exit_on_failure=True), state=state)
     server = DrainingServer(
-        uvicorn.Config(app, timeout_graceful_shutdown=settings.graceful_timeout_s, **config),
+        uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), **config),
         delay_s=settings.shutdown_delay_s,
         on_drain=state.set_draining,
     )
@@ -87,7 +88,7 @@ class Worker(UvicornWorker):
         settings = get_settings()
         state = ServiceState()
         self.config.app = create_app(settings, policy=LoadPolicy(accept_after_load=True), state=state)
-        self.config.timeout_graceful_shutdown = settings.graceful_timeout_s
+        self.config.timeout_graceful_shutdown = math.ceil(settings.graceful_timeout_s)
         server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=state.set_draining)
         self._install_sigquit_handler()
         heartbeat = asyncio.create_task(self._heartbeat_until_started(server))

@@ -7,13 +7,13 @@ import json
 import socket
 import struct
 import zlib
-from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
 from tests.helpers import jpeg_bytes, noise_image, png_bytes
+from tests.support import rss_mb as _rss_mb
 
 PREDICT = "/api/v1/predict"
 
@@ -114,11 +114,6 @@ def _cases(photo: bytes) -> list[tuple[str, dict[str, object], int, str]]:
 @pytest.fixture(scope="module")
 def photo(chelsea: Image.Image) -> bytes:
     return jpeg_bytes(chelsea)
-
-
-def _rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
 
 
 def test_bad_uploads_get_clear_4xx_and_valid_ones_200(tiny_server: str, photo: bytes) -> None:

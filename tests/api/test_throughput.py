@@ -3,20 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
-import re
 from pathlib import Path
 
 import httpx
 from PIL import Image
 
 from tests.helpers import jpeg_bytes, make_settings, running_server
+from tests.support import parse_metrics
 
 PREDICT = "/api/v1/predict"
 
 
 def _metric(text: str, name: str) -> float:
-    match = re.search(rf"^{re.escape(name)} ([0-9.e+]+)$", text, flags=re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
+    return parse_metrics(text).get(name, 0.0)
 
 
 def test_concurrent_requests_are_batched_and_answer_as_alone(tiny_checkpoint: Path, chelsea: Image.Image) -> None:
@@ -54,5 +53,5 @@ def test_over_capacity_is_503_with_retry_after_and_nothing_else(tiny_checkpoint:
         assert all(r.json()["error"]["code"] == "overloaded" and r.headers["retry-after"] for r in refused)
         assert httpx.get(url + "/health").status_code == 200
         metrics = httpx.get(url + "/metrics").text
-        assert _metric(metrics, 'cat_breeds_api_rejected_total{reason="overloaded"}') == len(refused)
+        assert _metric(metrics, "cat_breeds_api_rejected_total{reason=overloaded}") == len(refused)
         assert _metric(metrics, "cat_breeds_api_queue_depth") == 0

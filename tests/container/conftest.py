@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import httpx
 import pytest
 
 from api.ops.demo import write_demo_model
+from tests.support import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = ["docker-compose.yml", "docker-compose.cpu.yml"]
@@ -55,12 +55,6 @@ def _public_dir(prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     path.chmod(0o755)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from PIL import Image
 
 from tests.container.conftest import ROOT, Stack, free_port
 from tests.helpers import IMAGENET_CATS, jpeg_bytes
+from tests.support import parse_metrics
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -129,9 +130,8 @@ def test_6_stop_drains_requests_in_flight(stack: Stack, chelsea: Image.Image) ->
         futures = [pool.submit(call) for _ in range(4)]
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # stop only once requests are really in flight
-            metrics = stack.get("/metrics").text
-            line = next(x for x in metrics.splitlines() if x.startswith("cat_breeds_api_http_requests_in_flight "))
-            if float(line.split()[1]) >= 3:  # the /metrics request itself counts as one
+            metrics = parse_metrics(stack.get("/metrics").text)
+            if metrics["cat_breeds_api_http_requests_in_flight"] >= 3:  # the /metrics request itself counts as one
                 break
             time.sleep(0.05)
         stopped = time.monotonic()

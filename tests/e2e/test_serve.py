@@ -8,7 +8,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -123,11 +122,9 @@ def test_uvicorn_import_string_serves_from_environment(demo_dir: Path, tmp_path:
         body = httpx.post(url + "/api/v1/predict", files={"file": chelsea_jpeg}, headers={"X-API-Key": SECRET}).json()
         assert len(body["predictions"]) == 2
         model_info = httpx.get(url + "/api/v1/model", headers={"X-API-Key": SECRET}).json()
-        started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal so supervisors see why it stopped
         assert process.wait(timeout=30) in (0, -signal.SIGTERM)
-        assert time.monotonic() - started < 30
     finally:
         if process.poll() is None:
             process.kill()

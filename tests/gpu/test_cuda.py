@@ -17,6 +17,7 @@ import torch
 from api.engine.classifier import Classifier
 from api.engine.preprocess import decode_image
 from tests.helpers import IMAGENET_CATS, load_model, make_settings, running_server
+from tests.support import scrape
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -95,16 +96,8 @@ def test_service_on_cuda_batches_concurrent_requests_and_reports_gpu_memory(
         for response in responses:
             top3 = {p["index"] for p in response.json()["predictions"][:3]}
             assert top3 <= IMAGENET_CATS
-        metrics = httpx.get(url + "/metrics").text
-        allocated = next(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("cat_breeds_api_gpu_memory_allocated_bytes ")
-        )
+        metrics = scrape(url)
+        allocated = metrics["cat_breeds_api_gpu_memory_allocated_bytes"]
         assert allocated > 10_000_000  # the model's weights at least (EfficientNet-Lite0: ~19 MB in fp32)
-        batches = next(
-            float(line.split()[-1])
-            for line in metrics.splitlines()
-            if line.startswith("cat_breeds_api_inference_batch_size_count ")
-        )
+        batches = metrics["cat_breeds_api_inference_batch_size_count"]
         assert batches < 32  # concurrent requests shared forward passes

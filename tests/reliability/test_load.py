@@ -92,9 +92,7 @@ def resnet50_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _queue_depth(server: ServerProcess) -> float:
-    text = httpx.get(server.url + "/metrics").text
-    line = next(x for x in text.splitlines() if x.startswith("cat_breeds_api_queue_depth "))
-    return float(line.split()[1])
+    return server.metrics()["cat_breeds_api_queue_depth"]
 
 
 def test_four_times_capacity_sheds_load_and_loses_nothing(

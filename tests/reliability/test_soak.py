@@ -22,6 +22,7 @@ import skimage.data
 from PIL import Image
 
 from tests.helpers import CLI, served_process
+from tests.support import rss_mb as _rss_mb
 
 REQUESTS = 2500
 SOAK_DRIFT_MB = 30
@@ -67,11 +68,6 @@ def mixed_corpus() -> list[tuple[str, bytes]]:
             files.append((f"{index}.{name}", data))
             files.extend((f"{index}.broken{n}.{name}", bad) for n, bad in enumerate(_broken(data, seed=index)))
     return files
-
-
-def _rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
 
 
 @pytest.mark.timeout(600)

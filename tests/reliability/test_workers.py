@@ -16,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.helpers import BIN, ServerProcess, eventually, served_process
 
@@ -25,14 +24,7 @@ PREDICT = "/api/v1/predict"
 
 
 def _samples(server: ServerProcess) -> dict[str, float]:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    found: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()) if k != "pid")
-            key = f"{sample.name}{{{labels}}}" if labels else sample.name
-            found[key] = found.get(key, 0.0) + sample.value
-    return found
+    return server.metrics()
 
 
 def _ready_pids(server: ServerProcess) -> set[int]:

@@ -11,11 +11,7 @@ from pathlib import Path
 import pytest
 
 from api.engine.memory import release_free_memory
-
-
-def _rss_mb() -> float:
-    status = Path("/proc/self/status").read_text()
-    return next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
+from tests.support import rss_mb as _rss_mb
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux /proc")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import APIRouter, Response
 
 from api.http.deps import MetricsDep, StateDep
@@ -9,7 +11,7 @@ from api.http.schemas import Health, Liveness
 
 router = APIRouter(tags=["health"])
 
-_NOT_READY = {503: {"model": Health, "description": "Loading, failed to load, draining or shutting down."}}
+_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": Health, "description": "Loading, failed to load, draining or shutting down."}}
 
 
 def _health(state: StateDep, response: Response) -> Health:
