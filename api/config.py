@@ -251,6 +251,30 @@ class Settings(BaseSettings):
         )
 
     @property
+    def http_group(self) -> HttpSettings:
+        """What the app factory and the routes need: limits on requests, the key, the page, CORS."""
+        return HttpSettings(
+            api_key=self.api_key,
+            web_ui=self.web_ui,
+            cors_origins=tuple(self.cors_origins),
+            top_k=self.top_k,
+            max_upload_bytes=self.max_upload_bytes,
+            max_batch_files=self.max_batch_files,
+            request_timeout_s=self.request_timeout_s,
+        )
+
+    @property
+    def process_group(self) -> ProcessSettings:
+        """What the server runners need: where to listen, how to stop."""
+        return ProcessSettings(
+            host=self.host,
+            port=self.port,
+            workers=self.workers,
+            graceful_timeout_s=self.graceful_timeout_s,
+            shutdown_delay_s=self.shutdown_delay_s,
+        )
+
+    @property
     def decode_budget(self) -> DecodeBudget:
         return DecodeBudget(self.decode_budget_mp)
 
@@ -294,6 +318,30 @@ class BatchingSettings:
     reduced_decode: bool = True
     max_image_pixels: int = 50_000_000
     decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET_MP))
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The HTTP group: passed to the app factory; the routes read it."""
+
+    api_key: SecretStr | None = None
+    web_ui: bool = True
+    cors_origins: tuple[str, ...] = ()
+    top_k: int = 5
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_batch_files: int = 16
+    request_timeout_s: float = 30.0  # a request's deadline, counted from its arrival
+
+
+@dataclass(frozen=True)
+class ProcessSettings:
+    """The process group: passed to the server runners (uvicorn, the Gunicorn worker)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    workers: int = 1
+    graceful_timeout_s: float = 20.0
+    shutdown_delay_s: float = 0.0
 
 
 def default_cache_dir() -> Path:

@@ -66,7 +66,9 @@ def _from_decoder(record: logging.LogRecord) -> bool:
     if record.name == "PIL" or record.name.startswith("PIL."):
         return True
     # warnings.warn() from Pillow's modules, through logging.captureWarnings
-    return record.name == "py.warnings" and f"{os.sep}PIL{os.sep}" in str(record.args[0] if isinstance(record.args, tuple) and record.args else record.msg)
+    return record.name == "py.warnings" and f"{os.sep}PIL{os.sep}" in str(
+        record.args[0] if isinstance(record.args, tuple) and record.args else record.msg
+    )
 
 
 def formatter(log_format: str) -> logging.Formatter:

@@ -247,7 +247,9 @@ def _may_rotate(image: Image.Image, data: bytes) -> bool:
 
 def _raw_bytes_per_pixel(image: Image.Image) -> float:
     """Bytes per pixel as the file stores them (16-bit samples inflate twice the bytes of 8-bit)."""
-    rawmode = next((arg for tile in getattr(image, "tile", []) for arg in _as_tuple(tile.args) if isinstance(arg, str)), None)
+    rawmode = next(
+        (arg for tile in getattr(image, "tile", []) for arg in _as_tuple(tile.args) if isinstance(arg, str)), None
+    )
     if rawmode is None:
         return 8.0
     base, _, suffix = rawmode.partition(";")

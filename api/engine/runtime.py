@@ -23,12 +23,12 @@ BF16_FLAGS = ("amx_bf16", "avx512_bf16")
 class Runtime(Protocol):
     @property
     def name(self) -> str:
-        """"torch" or "openvino"."""
+        """ "torch" or "openvino"."""
         ...
 
     @property
     def precision(self) -> str:
-        """"fp32", "fp16" or "bf16": what the forward pass computes in."""
+        """ "fp32", "fp16" or "bf16": what the forward pass computes in."""
         ...
 
     @property

@@ -131,18 +131,18 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
         summary="Image classification with a fine-tuned timm model.",
         lifespan=lifespan,
     )
-    app.state.settings = settings
+    app.state.http = http = settings.http_group
     app.state.metrics = metrics
     app.state.service = service
 
     # Bodies are refused while being read once past these limits (413), never buffered whole.
-    single = settings.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
-    limits = {"/api/v1/predict": single, "/api/v1/predict/batch": single * settings.max_batch_files}
+    single = http.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
+    limits = {"/api/v1/predict": single, "/api/v1/predict/batch": single * http.max_batch_files}
     app.add_middleware(BodyLimitMiddleware, limit_for_path=limits.get)
-    if settings.cors_origins:
+    if http.cors_origins:
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=settings.cors_origins,
+            allow_origins=list(http.cors_origins),
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key"],
         )
@@ -152,7 +152,7 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(model.router)
-    if settings.web_ui:
+    if http.web_ui:
         add_web_ui(app)
     return app
 

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from api.config import Settings
+from api.config import HttpSettings
 from api.errors import Unauthorized
 from api.http.metrics import Metrics
 from api.http.readiness import ServiceState
@@ -22,8 +22,8 @@ async def get_state(request: Request) -> ServiceState:
     return request.app.state.service
 
 
-async def get_app_settings(request: Request) -> Settings:
-    return request.app.state.settings
+async def get_http_settings(request: Request) -> HttpSettings:
+    return request.app.state.http
 
 
 async def get_metrics(request: Request) -> Metrics:
@@ -31,7 +31,7 @@ async def get_metrics(request: Request) -> Metrics:
 
 
 StateDep = Annotated[ServiceState, Depends(get_state)]
-SettingsDep = Annotated[Settings, Depends(get_app_settings)]
+HttpDep = Annotated[HttpSettings, Depends(get_http_settings)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
@@ -45,7 +45,7 @@ async def require_api_key(
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
 ) -> None:
     """With API_API_KEY set, the request must carry it; compared in constant time. 401 says no more."""
-    expected = request.app.state.settings.api_key
+    expected = request.app.state.http.api_key
     if expected is None:
         return
     given = header_key or (bearer.credentials if bearer else None)

@@ -9,8 +9,8 @@ uvicorn's graceful shutdown stops accepting connections, finishes the requests i
 from __future__ import annotations
 
 import asyncio
-import math
 import logging
+import math
 import sys
 import threading
 from collections.abc import Callable
@@ -57,9 +57,10 @@ def serve(settings: Settings, **config: Any) -> None:
     """uvicorn.run with draining (what `cat-breeds-api serve` runs): answers "loading" meanwhile."""
     state = ServiceState()
     app = create_app(settings, policy=LoadPolicy(exit_on_failure=True), state=state)
+    process = settings.process_group
     server = DrainingServer(
-        uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(settings.graceful_timeout_s), **config),
-        delay_s=settings.shutdown_delay_s,
+        uvicorn.Config(app, timeout_graceful_shutdown=math.ceil(process.graceful_timeout_s), **config),
+        delay_s=process.shutdown_delay_s,
         on_drain=state.set_draining,
     )
     server.run()
@@ -88,8 +89,9 @@ class Worker(UvicornWorker):
         settings = get_settings()
         state = ServiceState()
         self.config.app = create_app(settings, policy=LoadPolicy(accept_after_load=True), state=state)
-        self.config.timeout_graceful_shutdown = math.ceil(settings.graceful_timeout_s)
-        server = DrainingServer(self.config, delay_s=settings.shutdown_delay_s, on_drain=state.set_draining)
+        process = settings.process_group
+        self.config.timeout_graceful_shutdown = math.ceil(process.graceful_timeout_s)
+        server = DrainingServer(self.config, delay_s=process.shutdown_delay_s, on_drain=state.set_draining)
         self._install_sigquit_handler()
         heartbeat = asyncio.create_task(self._heartbeat_until_started(server))
         try:

@@ -11,7 +11,9 @@ from api.http.schemas import Health, Liveness
 
 router = APIRouter(tags=["health"])
 
-_NOT_READY: dict[int | str, dict[str, Any]] = {503: {"model": Health, "description": "Loading, failed to load, draining or shutting down."}}
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Health, "description": "Loading, failed to load, draining or shutting down."}
+}
 
 
 def _health(state: StateDep, response: Response) -> Health:

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from api.engine.classifier import Classifier
 from api.engine.service import Classification, Classified
 from api.errors import RequestError
-from api.http.deps import MetricsDep, SettingsDep, StateDep, require_api_key
+from api.http.deps import HttpDep, MetricsDep, StateDep, require_api_key
 from api.http.metrics import Metrics
 from api.http.schemas import (
     Base64Image,
@@ -115,7 +115,7 @@ def _timing(started: float, classification: Classification, request: Request) ->
     summary="Classify one image",
 )
 async def predict(
-    request: Request, state: StateDep, settings: SettingsDep, metrics: MetricsDep, top_k: TopK = None
+    request: Request, state: StateDep, settings: HttpDep, metrics: MetricsDep, top_k: TopK = None
 ) -> PredictResponse:
     """Classify one image sent as multipart field `file` (`curl -F file=@cat.jpg`), as a raw image
     body, or as JSON `{"image": "<base64>"}`. Answers the top-k labels (every label above the
@@ -154,7 +154,7 @@ async def predict(
     summary="Classify several images",
 )
 async def predict_batch(
-    request: Request, state: StateDep, settings: SettingsDep, metrics: MetricsDep, top_k: TopK = None
+    request: Request, state: StateDep, settings: HttpDep, metrics: MetricsDep, top_k: TopK = None
 ) -> BatchResponse:
     """Classify up to API_MAX_BATCH_FILES images sent as repeated multipart `file` fields, in one
     forward pass. Each file gets its own result or error; one bad file does not fail the others."""
