@@ -30,7 +30,7 @@ from api.engine.batching import Batcher, BatchRun, Ticket
 from api.engine.classifier import Classifier
 from api.engine.cpu import CpuBudget, cpu_budget
 from api.engine.loader import load_classifier
-from api.engine.memory import cap_arenas, keep_freed_memory, release_after_decode
+from api.engine.memory import cap_arenas, keep_freed_memory, release_after_decode, release_free_memory
 from api.engine.preprocess import decode_image
 from api.errors import RequestError
 
@@ -136,6 +136,7 @@ class Engine:
             on_depth=watcher.on_depth,
         )
         classifier = batcher.start(load)
+        release_free_memory()  # what conversion, timing and warm-up freed goes back to the OS now
         decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
         return cls(classifier, batcher, decoder, batching, budget, watcher)
 

@@ -22,8 +22,6 @@ from gunicorn.arbiter import Arbiter
 from uvicorn_worker import UvicornWorker
 
 from api.config import Settings, get_settings
-from api.http.app import LoadPolicy, create_app
-from api.http.readiness import ServiceState
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +53,9 @@ EXIT_NOT_STARTED = 3  # as uvicorn.run: the server never started (port taken, fa
 
 def serve(settings: Settings, **config: Any) -> None:
     """uvicorn.run with draining (what `cat-breeds-api serve` runs): answers "loading" meanwhile."""
+    from api.http.app import LoadPolicy, create_app
+    from api.http.readiness import ServiceState
+
     state = ServiceState()
     app = create_app(settings, policy=LoadPolicy(exit_on_failure=True), state=state)
     process = settings.process_group
@@ -86,6 +87,11 @@ class Worker(UvicornWorker):
     async def _serve(self) -> None:
         # The app Gunicorn imported (`api.main:app`) only proves the settings valid in the master;
         # each worker builds its own with the policy it needs: accept once the model is loaded.
+        # (Imported here: Gunicorn's master imports this module for the worker class, and must
+        # never load torch.)
+        from api.http.app import LoadPolicy, create_app
+        from api.http.readiness import ServiceState
+
         settings = get_settings()
         state = ServiceState()
         self.config.app = create_app(settings, policy=LoadPolicy(accept_after_load=True), state=state)

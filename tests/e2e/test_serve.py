@@ -13,8 +13,9 @@ from pathlib import Path
 
 import httpx
 import pytest
+from PIL import Image
 
-from tests.helpers import BIN, CLI, IMAGENET_CATS, wait_for
+from tests.helpers import BIN, CLI, IMAGENET_CATS, jpeg_bytes, wait_for
 from tests.helpers import free_port as _free_port
 from tests.helpers import process_env as _env
 from tests.helpers import start_process as _start
@@ -79,6 +80,9 @@ def test_cli_predict_remote_and_local_agree(
     (folder / "nested").mkdir(parents=True)
     (folder / "chelsea.jpg").write_bytes(chelsea_jpeg)
     (folder / "nested" / "coffee.jpg").write_bytes(coffee_jpeg)
+    # large enough for reduced-scale decoding: the CLI decodes as the server does, not at full scale
+    big = Image.open(io.BytesIO(chelsea_jpeg)).resize((1804, 1200), Image.Resampling.BICUBIC)
+    (folder / "nested" / "large.jpg").write_bytes(jpeg_bytes(big))
     (folder / "readme.md").write_text("not an image, skipped by extension")
     remote = subprocess.run([CLI, "predict", str(folder), "--url", url, "--format", "json", "--top-k", "3"],
                             capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)  # fmt: skip
@@ -87,9 +91,11 @@ def test_cli_predict_remote_and_local_agree(
                            capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)  # fmt: skip
     assert local.returncode == 0, local.stderr
     remote_results, local_results = json.loads(remote.stdout), json.loads(local.stdout)
-    assert [Path(r["path"]).name for r in remote_results] == ["chelsea.jpg", "coffee.jpg"]
-    for a, b in zip(remote_results, local_results, strict=True):
+    assert [Path(r["path"]).name for r in remote_results] == ["chelsea.jpg", "coffee.jpg", "large.jpg"]
+    for a, b in zip(remote_results, local_results, strict=True):  # one pipeline: the same scores
         assert [p["index"] for p in a["predictions"]] == [p["index"] for p in b["predictions"]]
+        for x, y in zip(a["predictions"], b["predictions"], strict=True):
+            assert x["score"] == pytest.approx(y["score"], abs=1e-5)
     assert remote_results[0]["predictions"][0]["index"] in IMAGENET_CATS
 
 

@@ -139,3 +139,10 @@ def test_each_record_is_written_once(two_workers: ServerProcess, chelsea_jpeg: b
     assert len(ready) == 2 and len(set(ready)) == 2, f"ready events by pid: {ready}"
     raw = two_workers.log().splitlines()
     assert len(raw) == len(set(raw)), "a line was written twice"
+
+
+def test_the_master_never_loads_torch(two_workers: ServerProcess) -> None:
+    """Gunicorn's master imports the worker class, not the engine: no libtorch mapped, no model memory."""
+    workers = two_workers.children()
+    assert workers and all("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)  # the check sees it
+    assert "libtorch" not in Path(f"/proc/{two_workers.pid}/maps").read_text()
