@@ -76,6 +76,10 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
         service_peak_rss_mb=results["service_peak_rss_mb"],
         service_idle_pss_mb=results["service_pss_idle_mb"],
     )
+    if "torch_fp32_service" in results and chelsea:
+        one16 = next((r["images_per_s"] for r in chelsea["service"] if r["concurrency"] == 16), None)
+        if one16:
+            summary["chelsea_c16_x_torch_fp32_service"] = one16 / results["torch_fp32_service"][0]["images_per_s"]
     if "reduced_decode_off" in results:
         big = results["images"]["photo_1600x1066"]
         chelsea = results["images"]["chelsea_451x300"]

@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="service workers (more than 1: Gunicorn)")
     parser.add_argument("--skip-extras", action="store_true", help="no reduced-decode-off and multi-worker runs")
     parser.add_argument(
+        "--no-baseline", dest="baseline", action="store_false", help="no PyTorch fp32 service run for comparison"
+    )
+    parser.add_argument(
         "--server-env", action="append", default=[], metavar="NAME=VALUE", help="extra environment for the service"
     )
     parser.add_argument("--out", type=Path, default=ROOT / "artifacts" / "bench")
@@ -132,6 +135,13 @@ def main() -> None:
         finally:
             server.stop()
         ceiling.close()  # idle from here on
+        if args.baseline and "chelsea_451x300" in photos and (args.runtime, args.precision) != ("torch", "fp32"):
+            # today's service, PyTorch fp32, in the same run: the gain as a ratio, not across runs
+            base = Server(checkpoint, args, API_RUNTIME="torch", API_PRECISION="fp32")
+            try:
+                results["torch_fp32_service"] = sweep(base, photos["chelsea_451x300"], args, [16])
+            finally:
+                base.stop()
         if not args.skip_extras and "photo_1600x1066" in photos:
             big = photos["photo_1600x1066"]
             off = Server(checkpoint, args, API_REDUCED_DECODE="false")
