@@ -39,8 +39,10 @@ def test_cuda_answers_stay_close_to_cpu_fp32(
 ) -> None:
     gpu = load_model(demo_dir, device="cuda", precision=precision, max_batch_size=8)
     assert gpu.device == torch.device("cuda", 0)
-    assert gpu.padded_sizes == (1, 2, 4, 8)  # every size cuDNN will see was benchmarked in warm-up
-    assert gpu.graphs is not None and gpu.graphs.sizes == gpu.padded_sizes  # and captured as a CUDA graph
+    assert gpu.runtime.padded_sizes == (1, 2, 4, 8)  # every size cuDNN will see was benchmarked in warm-up
+    assert (
+        gpu.runtime.graphs is not None and gpu.runtime.graphs.sizes == gpu.runtime.padded_sizes
+    )  # and captured as a CUDA graph
     items = _prepared(gpu, chelsea_jpeg, coffee_jpeg, chelsea_jpeg)  # 3 rows: padded to 4
     reference, scores = cpu_fp32.forward(items), gpu.forward(items)
     assert scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.shape == reference.shape
@@ -63,7 +65,7 @@ def test_cuda_graph_replays_match_the_eager_pass_call_after_call(
 ) -> None:
     graphed = load_model(demo_dir, device="cuda", precision="fp16", max_batch_size=4)
     eager = load_model(demo_dir, device="cuda", precision="fp16", max_batch_size=4, cuda_graphs=False)
-    assert graphed.graphs is not None and eager.graphs is None
+    assert graphed.runtime.graphs is not None and eager.runtime.graphs is None
     # different images and sizes one after another: each replay reads this call's input, never the last one's
     for jpegs in ([chelsea_jpeg], [coffee_jpeg], [coffee_jpeg, chelsea_jpeg, coffee_jpeg], [chelsea_jpeg] * 4):
         items = _prepared(eager, *jpegs)
@@ -74,7 +76,7 @@ def test_compiled_cuda_model_matches_eager(tiny_checkpoint: Path, chelsea_jpeg: 
     # a tiny architecture: Triton compiles every fused kernel, a few per layer, for each padded size
     eager = load_model(tiny_checkpoint, model_name="test_resnet", device="cuda", max_batch_size=2)
     compiled = load_model(tiny_checkpoint, model_name="test_resnet", device="cuda", compile=True, max_batch_size=2)
-    assert compiled.padded_sizes == (1, 2)
+    assert compiled.runtime.padded_sizes == (1, 2)
     for jpegs in ([chelsea_jpeg], [chelsea_jpeg, coffee_jpeg]):
         items = _prepared(eager, *jpegs)
         torch.testing.assert_close(compiled.forward(items), eager.forward(items), atol=2e-3, rtol=0)
