@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -24,6 +24,11 @@ ENV_PREFIX = "API_"
 DEFAULT_MODEL_NAME = "resnet50"
 DEFAULT_NUM_CLASSES = 67
 _DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_Group = TypeVar("_Group", bound="DataclassInstance")
 
 LogLevel = Literal["CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG"]
 
@@ -213,66 +218,31 @@ class Settings(BaseSettings):
             self.api_key = SecretStr(self.api_key_file.read_text().strip())
         return self
 
+    def _group(self, group: type[_Group], **derived: Any) -> _Group:
+        """A settings group: each of its fields from the setting of the same name, unless derived."""
+        return group(**{f.name: derived[f.name] if f.name in derived else getattr(self, f.name) for f in fields(group)})
+
     @property
     def model_group(self) -> ModelSettings:
         """What the loader needs: which model, how to run it."""
-        return ModelSettings(
-            checkpoint_path=self.checkpoint_path,
-            model_name=self.model_name,
-            num_classes=self.num_classes,
-            image_size=self.image_size,
-            class_names_path=self.class_names_path,
-            use_ema=self.use_ema,
-            multi_label=self.multi_label,
-            threshold=self.threshold,
-            device=self.device,
-            runtime=self.runtime,
-            precision=self.precision,
-            compile=self.compile,
-            cuda_graphs=self.cuda_graphs,
-            max_batch_size=self.max_batch_size,
-            cache_dir=self.cache_dir if self.cache_dir is not None else default_cache_dir(),
+        return self._group(
+            ModelSettings, cache_dir=self.cache_dir if self.cache_dir is not None else default_cache_dir()
         )
 
     @property
     def batching_group(self) -> BatchingSettings:
         """What the serving object needs: admission, batches, deadlines, threads, decoding limits."""
-        return BatchingSettings(
-            max_batch_size=self.max_batch_size,
-            max_batch_wait_s=self.max_batch_wait_ms / 1000,
-            max_queue=self.max_queue,
-            request_timeout_s=self.request_timeout_s,
-            num_threads=self.num_threads,
-            workers=self.workers,
-            heap_keep_mb=self.heap_keep_mb,
-            reduced_decode=self.reduced_decode,
-            max_image_pixels=self.max_image_pixels,
-            decode_budget=self.decode_budget,
-        )
+        return self._group(BatchingSettings, max_batch_wait_s=self.max_batch_wait_ms / 1000)
 
     @property
     def http_group(self) -> HttpSettings:
         """What the app factory and the routes need: limits on requests, the key, the page, CORS."""
-        return HttpSettings(
-            api_key=self.api_key,
-            web_ui=self.web_ui,
-            cors_origins=tuple(self.cors_origins),
-            top_k=self.top_k,
-            max_upload_bytes=self.max_upload_bytes,
-            max_batch_files=self.max_batch_files,
-            request_timeout_s=self.request_timeout_s,
-        )
+        return self._group(HttpSettings, cors_origins=tuple(self.cors_origins))
 
     @property
     def process_group(self) -> ProcessSettings:
         """What the server runners need: where to listen, how to stop."""
-        return ProcessSettings(
-            host=self.host,
-            port=self.port,
-            workers=self.workers,
-            graceful_timeout_s=self.graceful_timeout_s,
-            shutdown_delay_s=self.shutdown_delay_s,
-        )
+        return self._group(ProcessSettings)
 
     @property
     def decode_budget(self) -> DecodeBudget:

@@ -76,6 +76,14 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder / "best_model.pt"
 
 
+@pytest.fixture(scope="session")
+def four_class_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 4-class test_resnet state_dict with its class names (a, b, c, d)."""
+    path = tmp_path_factory.mktemp("four") / "multi.pt"
+    torch.save({"state_dict": tiny_model(num_classes=4).state_dict(), "class_names": ["a", "b", "c", "d"]}, path)
+    return path
+
+
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint: Path) -> Iterator[str]:
     """A real server for a tiny 5-class model, shared by a test module."""

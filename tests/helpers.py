@@ -67,6 +67,13 @@ def scores_of(classifier: Classifier, *images: Image.Image) -> torch.Tensor:
     return classifier.forward([classifier.prepare(image) for image in images])
 
 
+def random_pixels(classifier: Classifier, count: int, seed: int = 0) -> list[np.ndarray]:
+    """Random prepared images (H x W x 3 uint8 at the model's input size), as the decode pool hands them over."""
+    _, height, width = classifier.input_size
+    rng = np.random.default_rng(seed)
+    return list(rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8))
+
+
 def eager_scores(classifier: Classifier, normalised: torch.Tensor) -> torch.Tensor:
     """A PyTorch classifier's scores for an already normalised NCHW batch (timm's whole transform)."""
     with torch.inference_mode():

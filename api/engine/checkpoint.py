@@ -26,7 +26,7 @@ import torch
 from timm.models import clean_state_dict
 
 from api.engine.labels import names_from_mapping
-from api.errors import CheckpointNotFound, CheckpointUnreadable, UnsafeCheckpoint
+from api.errors import CheckpointNotFound, CheckpointUnreadable, UnsafeCheckpoint, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,5 @@ def _read_torchscript(path: Path) -> Checkpoint:
             warnings.simplefilter("ignore", FutureWarning)  # said once above, in our log, not per call
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:  # TorchScript raises bare RuntimeErrors with C++ traces
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise CheckpointUnreadable(f"cannot read TorchScript archive {path}: {reason}") from None
+        raise CheckpointUnreadable(f"cannot read TorchScript archive {path}: {first_line(error)}") from None
     return Checkpoint(path=path, format="torchscript", sha256=file_sha256(path), scripted=module)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from api.errors import ConfigError
+from api.errors import ConfigError, first_line
 
 _GPU_HINT = (
     "set API_DEVICE=auto or cpu, or give the process a GPU (NVIDIA driver; in Docker the NVIDIA "
@@ -16,7 +16,7 @@ def _cuda_unavailable_reason() -> str:
     try:
         torch.cuda.init()
     except Exception as error:  # torch explains a missing driver/device only through this exception
-        return str(error).strip().splitlines()[0]
+        return first_line(error)
     return "torch.cuda.is_available() is False"
 
 

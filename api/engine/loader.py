@@ -74,7 +74,7 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
         has_bf16=device.type == "cpu" and cpu_has_bf16(),
     )
     head = Head(built.split.mean, built.split.std, settings.multi_label)
-    runtime, runtime_reason = _choose_runtime(built, ckpt, settings, device, precision, head, threads)
+    runtime, runtime_reason = _choose_runtime(_Plan(built, ckpt, settings, device, precision, head, threads))
     classifier = Classifier(
         runtime=runtime,
         split=built.split,
@@ -127,62 +127,65 @@ def _build(ckpt: Checkpoint, settings: ModelSettings) -> _Built:
     )
 
 
-def _torch_runtime(
-    built: _Built, settings: ModelSettings, device: torch.device, precision: Precision, head: Head
-) -> TorchRuntime:
-    model = built.model.to(device)
-    if device.type != "mps":
-        model = model.to(memory_format=torch.channels_last)
-    padded: tuple[int, ...] = ()
-    if device.type == "cuda":
-        # the loading thread also runs every pass: its streams, and graph capture, on this GPU
-        torch.cuda.set_device(device)
-        # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
-        # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
-        torch.backends.cudnn.benchmark = True
-        padded = batch_buckets(settings.max_batch_size)
-    if settings.compile:
-        model = torch.compile(model)  # type: ignore[assignment]  # a compiled graph per padded size, in warm_up
-        padded = batch_buckets(settings.max_batch_size)
-    return TorchRuntime(model, device, head, precision.value, padded, compiled=settings.compile)
+@dataclass(frozen=True)
+class _Plan:
+    """Everything the runtime choice depends on: the resolved model, where and how it runs."""
+
+    built: _Built
+    ckpt: Checkpoint
+    settings: ModelSettings
+    device: torch.device
+    precision: Precision
+    head: Head
+    threads: int
+
+    def torch_runtime(self) -> TorchRuntime:
+        settings, device = self.settings, self.device
+        model = self.built.model.to(device)
+        if device.type != "mps":
+            model = model.to(memory_format=torch.channels_last)
+        padded: tuple[int, ...] = ()
+        if device.type == "cuda":
+            # the loading thread also runs every pass: its streams, and graph capture, on this GPU
+            torch.cuda.set_device(device)
+            # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
+            # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
+            torch.backends.cudnn.benchmark = True
+            padded = batch_buckets(settings.max_batch_size)
+        if settings.compile:
+            model = torch.compile(model)  # type: ignore[assignment]  # a compiled graph per padded size, in warm_up
+            padded = batch_buckets(settings.max_batch_size)
+        return TorchRuntime(model, device, self.head, self.precision.value, padded, compiled=settings.compile)
 
 
-def _choose_runtime(
-    built: _Built,
-    ckpt: Checkpoint,
-    settings: ModelSettings,
-    device: torch.device,
-    precision: Precision,
-    head: Head,
-    threads: int,
-) -> tuple[Runtime, str]:
+def _choose_runtime(plan: _Plan) -> tuple[Runtime, str]:
     """API_RUNTIME -> the runtime, and why it is that one (for the ready line)."""
-    asked = settings.runtime
+    asked, device = plan.settings.runtime, plan.device
     if asked == "torch" or device.type != "cpu":
         if asked == "openvino":
             raise ConfigError(
-                f"API_RUNTIME=openvino runs on the CPU, but the device is {device} ({settings.device=}); "
-                "set API_DEVICE=cpu, or API_RUNTIME=auto or torch"
+                f"API_RUNTIME=openvino runs on the CPU, but the device is {device} "
+                f"(settings.device={plan.settings.device!r}); set API_DEVICE=cpu, or API_RUNTIME=auto or torch"
             )
         why = f"API_RUNTIME={asked}" if asked == "torch" else f"API_RUNTIME=auto: PyTorch on {device.type}"
-        return _torch_runtime(built, settings, device, precision, head), why
-    obstacle = _openvino_obstacle(built, settings)
+        return plan.torch_runtime(), why
+    obstacle = _openvino_obstacle(plan.built, plan.settings)
     if obstacle is not None:
         if asked == "openvino":
             raise ConfigError(f"API_RUNTIME=openvino: {obstacle}; set API_RUNTIME=torch or auto")
         logger.info("runtime: PyTorch, since %s", obstacle)
-        return _torch_runtime(built, settings, device, precision, head), f"API_RUNTIME=auto: PyTorch ({obstacle})"
-    cache = ModelCache(settings.cache_dir)
+        return plan.torch_runtime(), f"API_RUNTIME=auto: PyTorch ({obstacle})"
+    cache = ModelCache(plan.settings.cache_dir)
     try:
-        openvino = _openvino(built, ckpt, cache, precision, head, threads)
+        openvino = _openvino(plan, cache)
     except ConfigError as error:
         if asked == "openvino":
             raise ConfigError(f"API_RUNTIME=openvino: {error}; set API_RUNTIME=torch or auto") from None
         logger.warning("runtime: PyTorch, since %s", error)
-        return _torch_runtime(built, settings, device, precision, head), f"API_RUNTIME=auto: PyTorch ({error})"
+        return plan.torch_runtime(), f"API_RUNTIME=auto: PyTorch ({error})"
     if asked == "openvino":
         return openvino, "API_RUNTIME=openvino"
-    return _faster(openvino, built, ckpt, cache, settings, device, precision, head, threads)
+    return _faster(plan, openvino, cache)
 
 
 def _openvino_obstacle(built: _Built, settings: ModelSettings) -> str | None:
@@ -195,14 +198,13 @@ def _openvino_obstacle(built: _Built, settings: ModelSettings) -> str | None:
     return None
 
 
-def _openvino(
-    built: _Built, ckpt: Checkpoint, cache: ModelCache, precision: Precision, head: Head, threads: int
-) -> Runtime:
+def _openvino(plan: _Plan, cache: ModelCache) -> Runtime:
     import openvino
 
+    built, head = plan.built, plan.head
     key = {
         "kind": "openvino",
-        "checkpoint_sha256": ckpt.sha256,
+        "checkpoint_sha256": plan.ckpt.sha256,
         "architecture": built.architecture,
         "num_classes": len(built.class_names),
         "input_size": list(built.data_config["input_size"]),
@@ -221,30 +223,20 @@ def _openvino(
         # weights kept as they are (f32): the converter's default would store them as fp16
         cache.put(key, lambda folder: openvino.save_model(model, str(folder / "model.xml"), compress_to_fp16=False))
         logger.info("runtime: converted the model to OpenVINO in %.1fs", time.perf_counter() - started)
-    return openvino_runtime.compile_for_cpu(model, head=head, precision=precision.value, threads=threads)
+    return openvino_runtime.compile_for_cpu(model, head=head, precision=plan.precision.value, threads=plan.threads)
 
 
-def _faster(
-    openvino: Runtime,
-    built: _Built,
-    ckpt: Checkpoint,
-    cache: ModelCache,
-    settings: ModelSettings,
-    device: torch.device,
-    precision: Precision,
-    head: Head,
-    threads: int,
-) -> tuple[Runtime, str]:
+def _faster(plan: _Plan, openvino: Runtime, cache: ModelCache) -> tuple[Runtime, str]:
     """API_RUNTIME=auto on a CPU: the faster of OpenVINO and PyTorch at the largest batch, timed
     once per model, CPU, precision and thread count, and remembered in the cache."""
-    batch = settings.max_batch_size
+    batch = plan.settings.max_batch_size
     key = {
         "kind": "choice",
-        "checkpoint_sha256": ckpt.sha256,
-        "input_size": list(built.data_config["input_size"]),
-        "precision": precision.value,
+        "checkpoint_sha256": plan.ckpt.sha256,
+        "input_size": list(plan.built.data_config["input_size"]),
+        "precision": plan.precision.value,
         "batch": batch,
-        "threads": threads,
+        "threads": plan.threads,
         "cpu": cpu_model_name(),
         "openvino": openvino_runtime.openvino_version(),
         "torch": torch.__version__,
@@ -254,19 +246,15 @@ def _faster(
         rates = entry.manifest.get("images_per_s", {})
         chosen = entry.manifest["runtime"]
         why = f"API_RUNTIME=auto: {chosen} (timed earlier on this CPU: {_rates(rates)}; cached)"
-    else:
-        candidates: dict[str, Runtime] = {
-            "openvino": openvino,
-            "torch": _torch_runtime(built, settings, device, precision, head),
-        }
-        rates = _time(candidates, built, batch)
-        chosen = max(rates, key=rates.__getitem__)
-        cache.put(key, lambda folder: None, extra={"runtime": chosen, "images_per_s": rates})
-        why = f"API_RUNTIME=auto: {chosen} (timed now at batch {batch}: {_rates(rates)})"
+        logger.info("runtime: %s", why)
+        return (openvino if chosen == "openvino" else plan.torch_runtime()), why
+    candidates: dict[str, Runtime] = {"openvino": openvino, "torch": plan.torch_runtime()}
+    rates = _time(candidates, plan.built, batch)
+    chosen = max(rates, key=rates.__getitem__)
+    cache.put(key, lambda folder: None, extra={"runtime": chosen, "images_per_s": rates})
+    why = f"API_RUNTIME=auto: {chosen} (timed now at batch {batch}: {_rates(rates)})"
     logger.info("runtime: %s", why)
-    if chosen == "openvino":
-        return openvino, why
-    return _torch_runtime(built, settings, device, precision, head), why
+    return candidates[chosen], why
 
 
 def _rates(rates: dict[str, float]) -> str:

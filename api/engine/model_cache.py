@@ -20,18 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from api.engine.checkpoint import file_sha256
+
 logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -63,7 +57,7 @@ class ModelCache:
             if manifest.get("key") != {"format": FORMAT, **key}:
                 raise ValueError("it was written for another key")
             for name, digest in manifest["files"].items():
-                if _sha256(folder / name) != digest:
+                if file_sha256(folder / name) != digest:
                     raise ValueError(f"{name} does not match its checksum")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
             logger.warning("model cache: entry %s is unusable (%s); rebuilding it", folder, error)
@@ -82,7 +76,7 @@ class ModelCache:
             staging = Path(tempfile.mkdtemp(prefix=".incoming-", dir=folder.parent))
             try:
                 write(staging)
-                files = {p.name: _sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
+                files = {p.name: file_sha256(p) for p in sorted(staging.iterdir()) if p.is_file()}
                 manifest = {"key": {"format": FORMAT, **key}, "files": files, **(extra or {})}
                 (staging / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
                 shutil.rmtree(folder, ignore_errors=True)

@@ -4,25 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import pytest
 import torch
 
-from api.engine.classifier import Classifier
-from tests.helpers import load_model, tiny_model
-
-
-def _pixels(classifier: Classifier, count: int, seed: int = 0) -> list[np.ndarray]:
-    _, height, width = classifier.input_size
-    rng = np.random.default_rng(seed)
-    return list(rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ml") / "multi.pt"
-    torch.save({"state_dict": tiny_model(num_classes=4).state_dict(), "class_names": ["a", "b", "c", "d"]}, path)
-    return path
+from tests.helpers import load_model, random_pixels
 
 
 def test_bf16_autocast_stays_close_to_fp32(demo_dir: Path, chelsea_jpeg: bytes) -> None:
@@ -38,11 +22,11 @@ def test_bf16_autocast_stays_close_to_fp32(demo_dir: Path, chelsea_jpeg: bytes) 
     assert (a - b).abs().max() < 0.05
 
 
-def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(checkpoint: Path) -> None:
-    eager = load_model(checkpoint, model_name="test_resnet", device="cpu")
-    compiled = load_model(checkpoint, model_name="test_resnet", device="cpu", compile=True, max_batch_size=3)
+def test_compiled_model_is_warmed_for_every_batch_size_and_matches_eager(four_class_checkpoint: Path) -> None:
+    eager = load_model(four_class_checkpoint, model_name="test_resnet", device="cpu")
+    compiled = load_model(four_class_checkpoint, model_name="test_resnet", device="cpu", compile=True, max_batch_size=3)
     assert compiled.runtime.padded_sizes == (1, 2, 3)
-    batch = _pixels(eager, 3)
+    batch = random_pixels(eager, 3)
     for rows in (1, 2, 3):
         torch.testing.assert_close(compiled.forward(batch[:rows]), eager.forward(batch[:rows]), rtol=1e-3, atol=1e-4)
 

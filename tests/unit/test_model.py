@@ -4,50 +4,39 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from api.engine.classifier import Classifier
 from api.engine.runtime import batch_buckets
-from tests.helpers import load_model, tiny_model
+from tests.helpers import load_model, random_pixels
 
 
-def _pixels(classifier: Classifier, count: int, seed: int = 0) -> list[np.ndarray]:
-    """Random prepared images (H x W x 3 uint8 at the model's input size), as the decode pool hands them over."""
-    _, height, width = classifier.input_size
-    rng = np.random.default_rng(seed)
-    return list(rng.integers(0, 256, (count, height, width, 3), dtype=np.uint8))
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("ml") / "multi.pt"
-    torch.save({"state_dict": tiny_model(num_classes=4).state_dict(), "class_names": ["a", "b", "c", "d"]}, path)
-    return path
-
-
-def test_single_label_ranks_top_k_of_a_softmax(checkpoint: Path) -> None:
-    classifier = load_model(checkpoint, model_name="test_resnet", device="cpu")
+def test_single_label_ranks_top_k_of_a_softmax(four_class_checkpoint: Path) -> None:
+    classifier = load_model(four_class_checkpoint, model_name="test_resnet", device="cpu")
     scores = torch.tensor([0.1, 0.6, 0.05, 0.25])
     assert classifier.rank(scores, 2) == [(1, "b", pytest.approx(0.6)), (3, "d", pytest.approx(0.25))]
     assert len(classifier.rank(scores, 99)) == 4  # top_k beyond the classes returns them all
-    out = classifier.forward(_pixels(classifier, 3))
+    out = classifier.forward(random_pixels(classifier, 3))
     torch.testing.assert_close(out.sum(-1), torch.ones(3))
 
 
-def test_multi_label_answers_every_label_over_the_threshold(checkpoint: Path) -> None:
-    classifier = load_model(checkpoint, model_name="test_resnet", device="cpu", multi_label=True, threshold=0.3)
+def test_multi_label_answers_every_label_over_the_threshold(four_class_checkpoint: Path) -> None:
+    classifier = load_model(
+        four_class_checkpoint, model_name="test_resnet", device="cpu", multi_label=True, threshold=0.3
+    )
     scores = torch.tensor([0.9, 0.1, 0.35, 0.3])
     assert [name for _, name, _ in classifier.rank(scores, 1)] == ["a", "c", "d"]  # top_k does not cut
-    out = classifier.forward(_pixels(classifier, 2))
+    out = classifier.forward(random_pixels(classifier, 2))
     assert ((out >= 0) & (out <= 1)).all()
     assert not torch.allclose(out.sum(-1), torch.ones(2))  # independent sigmoids, not a softmax
 
 
-def test_batches_are_padded_to_powers_of_two_up_to_the_largest(checkpoint: Path) -> None:
+def test_batches_are_padded_to_powers_of_two_up_to_the_largest(four_class_checkpoint: Path) -> None:
     """The sizes a compiled (or CUDA) model sees, each warmed up before ready; tests/gpu covers CUDA."""
     assert batch_buckets(64) == (1, 2, 4, 8, 16, 32, 64)
     assert batch_buckets(12) == (1, 2, 4, 8, 12)
     assert batch_buckets(1) == (1,)
-    assert load_model(checkpoint, model_name="test_resnet", device="cpu", max_batch_size=8).runtime.padded_sizes == ()
+    assert (
+        load_model(four_class_checkpoint, model_name="test_resnet", device="cpu", max_batch_size=8).runtime.padded_sizes
+        == ()
+    )
