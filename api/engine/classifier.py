@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from api.engine.checkpoint import Checkpoint
-from api.engine.preprocess import SplitTransform
+from api.engine.recipe import Recipe
 from api.engine.runtime import Runtime
 
 
 @dataclass(frozen=True, eq=False)
 class Classifier:
     runtime: Runtime
-    split: SplitTransform  # resize + crop in the decode pool; normalisation in the runtime
+    split: Recipe  # resize + crop in the decode pool; normalisation in the runtime
     transform: Callable[[Image.Image], torch.Tensor]  # timm's whole eval transform (the reference)
     architecture: str
     class_names: tuple[str, ...]

@@ -9,10 +9,10 @@ preprocessing allocate and compute, step by step:
                  the mode's own bytes per pixel, plus what the decoder holds beside it (libwebp's
                  frame canvases, AVIF's planes, a multi-scan JPEG's coefficients, a TIFF tile)
     EXIF         one more canvas when the orientation tag asks for a rotation or a flip
-    to RGB       the conversions `api.engine.preprocess.to_rgb` makes for the mode (alpha composited on white,
+    to RGB       the conversions `api.engine.decode.to_rgb` makes for the mode (alpha composited on white,
                  16-bit and float samples scaled)
     resize+crop  reads the canvas once; its own buffers are bounded by the model's input size
-                 (`api.engine.preprocess.ResizeCrop`), whatever the aspect ratio
+                 (`api.engine.recipe.Recipe`), whatever the aspect ratio
 
 The price has two parts: peak memory (bytes) and work, in units of the time a full-scale baseline
 JPEG takes to decode one pixel (measured per format and step on this project's build machine, so
@@ -67,7 +67,7 @@ def canvas_bytes_per_pixel(mode: str) -> int:
 
 
 def _conversion(mode: str, has_transparency: bool) -> tuple[int, float]:
-    """Bytes allocated and work per pixel of `api.engine.preprocess.to_rgb` for an image in `mode`."""
+    """Bytes allocated and work per pixel of `api.engine.decode.to_rgb` for an image in `mode`."""
     if mode == "RGB":
         return 0, 0.0
     if mode in WITH_ALPHA or (mode == "P" and has_transparency):

@@ -26,7 +26,8 @@ from api.engine.classifier import Classifier
 from api.engine.device import resolve_device
 from api.engine.labels import resolve_class_names
 from api.engine.model_cache import ModelCache
-from api.engine.preprocess import SplitTransform, build_transform, split_transform
+from api.engine.preprocess import build_transform, split_transform
+from api.engine.recipe import Recipe
 from api.engine.runtime import Head, Precision, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name, resolve_precision
 from api.engine.torch_runtime import TorchRuntime
 from api.errors import CheckpointMismatch, ConfigError, first_line
@@ -47,7 +48,7 @@ class _Built:
     labels_source: str
     transform: Any
     data_config: dict[str, Any]
-    split: SplitTransform
+    split: Recipe
 
 
 def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
