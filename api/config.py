@@ -100,10 +100,19 @@ class Settings(BaseSettings):
         None, ge=1, le=1024, description="Torch intra-op threads and decode pool size; unset: from the CPU quota."
     )
     workers: int = Field(
-        1,
+        default_factory=lambda: default_frontends(),
         ge=1,
         validation_alias=AliasChoices("WEB_CONCURRENCY", "API_WORKERS"),
-        description="Worker processes sharing the CPU quota (Gunicorn's WEB_CONCURRENCY).",
+        description="HTTP front-end (worker) processes (Gunicorn's WEB_CONCURRENCY); unset: the CPUs less 2 on "
+        "a GPU host, 1 on a CPU host.",
+    )
+    inference: Literal["process", "inprocess"] = Field(
+        "process",
+        description="process: one engine process per device holds the model and batches for every front-end "
+        "(front-ends never import torch); inprocess: each worker loads its own model (tests, small hosts).",
+    )
+    engine_linger_s: float = Field(
+        10.0, ge=0, le=3600, description="How long the engine process outlives its last front-end (a reload's gap)."
     )
     heap_keep_mb: int = Field(
         0,
@@ -310,8 +319,25 @@ class ProcessSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     workers: int = 1
+    inference: str = "process"
+    engine_linger_s: float = 10.0
     graceful_timeout_s: float = 20.0
     shutdown_delay_s: float = 0.0
+
+
+NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
+
+
+def default_frontends() -> int:
+    """Front-end processes when WEB_CONCURRENCY is unset: on a GPU host the CPUs less two (the engine
+    and the system), so decoding keeps the GPU fed; on a CPU host one (the model needs the cores)."""
+    from api.engine.cpu import cpu_budget
+
+    try:
+        gpus = any(NVIDIA_GPUS.iterdir())
+    except OSError:
+        gpus = False
+    return max(1, int(cpu_budget().cpus) - 2) if gpus else 1
 
 
 def default_cache_dir() -> Path:

@@ -14,67 +14,91 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
-import torch
 
 from api.engine.classifier import Classifier
+from api.engine.pipeline import BatchRun, Ticket
 from api.engine.memory import release_free_memory
 from api.errors import GatewayTimeout, Overloaded
+
+logger = logging.getLogger(__name__)
 
 BatchObserver = Callable[[int, float], None]
 IDLE_TRIM_S = 1.0
 DepthObserver = Callable[[int], None]
 
-
-@dataclass(frozen=True)
-class BatchRun:
-    """How one image was served: the size of its batch, that forward pass, its wait in the queue."""
-
-    size: int
-    forward_s: float
-    queued_s: float
-
-
-@dataclass
-class Ticket:
-    """Room reserved for admitted images; `queued` of them have reached the queue."""
-
-    queued: int = 0
-
-
 Prepared = np.ndarray  # what Classifier.prepare returns for one image: H x W x 3 uint8
 
 
-@dataclass
-class _Item:
+class Job(Protocol):
+    """One image waiting for the forward pass, and how its answer goes back.
+
+    In this process (`Batcher.predict`) the answer resolves an asyncio future; from a front-end
+    process (api/engine/host.py) it is written to that front-end's shared-memory slot.
+    """
+
     pixels: Prepared
-    future: asyncio.Future[tuple[torch.Tensor, BatchRun]]
-    loop: asyncio.AbstractEventLoop
-    queued_at: float = field(default_factory=time.monotonic)
-    abandoned: bool = False  # set by the caller's event loop on timeout; read by the inference thread
+    queued_at: float  # time.monotonic()
+
+    @property
+    def abandoned(self) -> bool:
+        """Its caller gave up or its deadline passed: dropped before the forward pass."""
+        ...
+
+    def deliver(self, scores: np.ndarray, run: BatchRun) -> None: ...
+    def fail(self, error: BaseException) -> None: ...
+    def drop(self) -> None: ...
 
 
-def _deliver(future: asyncio.Future[tuple[torch.Tensor, BatchRun]], value: tuple[torch.Tensor, BatchRun]) -> None:
+Answer = tuple[np.ndarray, BatchRun]
+
+
+def _deliver(future: asyncio.Future[Answer], value: Answer) -> None:
     if not future.done():
         future.set_result(value)
 
 
-def _fail(future: asyncio.Future[tuple[torch.Tensor, BatchRun]], error: BaseException) -> None:
+def _fail(future: asyncio.Future[Answer], error: BaseException) -> None:
     if not future.done():
         future.set_exception(error)
 
 
-def _hand_over(item: _Item, action: Callable[..., None], value: object) -> None:
-    # RuntimeError: the caller's event loop is gone (it gave up and shut down): nobody to tell.
-    with contextlib.suppress(RuntimeError):
-        item.loop.call_soon_threadsafe(action, item.future, value)
+@dataclass
+class _AsyncJob:
+    """A job of this process's event loop: the answer is handed to its future on that loop."""
+
+    pixels: Prepared
+    future: asyncio.Future[Answer]
+    loop: asyncio.AbstractEventLoop
+    queued_at: float = field(default_factory=time.monotonic)
+    gave_up: bool = False  # set by the caller's event loop on timeout; read by the inference thread
+
+    @property
+    def abandoned(self) -> bool:
+        return self.gave_up
+
+    def _hand_over(self, action: Callable[..., None], value: object) -> None:
+        # RuntimeError: the caller's event loop is gone (it gave up and shut down): nobody to tell.
+        with contextlib.suppress(RuntimeError):
+            self.loop.call_soon_threadsafe(action, self.future, value)
+
+    def deliver(self, scores: np.ndarray, run: BatchRun) -> None:
+        self._hand_over(_deliver, (scores, run))
+
+    def fail(self, error: BaseException) -> None:
+        self._hand_over(_fail, error)
+
+    def drop(self) -> None:
+        pass
 
 
 class Batcher:
@@ -89,6 +113,8 @@ class Batcher:
         timeout_s: float = 30.0,
         on_batch: BatchObserver | None = None,
         on_depth: DepthObserver | None = None,
+        on_its_way: Callable[[], int] | None = None,
+        after_batch: Callable[[], None] | None = None,
     ):
         self.classifier: Classifier | None = None
         self.max_batch_size = max_batch_size
@@ -97,7 +123,10 @@ class Batcher:
         self.timeout_s = timeout_s
         self._on_batch = on_batch
         self._on_depth = on_depth
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        # images admitted and not queued yet, wherever they are decoded (here, or in front-end processes)
+        self._on_its_way = on_its_way or (lambda: self._decoding)
+        self._after_batch = after_batch
+        self._queue: queue.Queue[Job | None] = queue.Queue()
         self._admitted = 0  # images admitted and not yet answered (decoding, queued or running)
         self._decoding = 0  # of those, images not yet queued: "more is on its way"
         self._lock = threading.Lock()
@@ -160,13 +189,12 @@ class Batcher:
 
     async def predict(
         self, ticket: Ticket, images: list[Prepared], *, deadline: float | None = None
-    ) -> tuple[torch.Tensor, list[BatchRun]]:
+    ) -> tuple[np.ndarray, list[BatchRun]]:
         """Scores for admitted, preprocessed images (rows in order) and how each was served."""
         loop = asyncio.get_running_loop()
-        items = [_Item(pixels, loop.create_future(), loop) for pixels in images]
+        items = [_AsyncJob(pixels, loop.create_future(), loop) for pixels in images]
         with self._lock:
-            for item in items:
-                self._queue.put(item)
+            self.submit(items)
             ticket.queued += len(items)
             self._decoding -= len(items)
         remaining = (deadline or time.monotonic() + self.timeout_s) - time.monotonic()
@@ -174,15 +202,20 @@ class Batcher:
             results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout=max(remaining, 0))
         except TimeoutError:
             for item in items:
-                item.abandoned = True
+                item.gave_up = True
             raise GatewayTimeout(
                 f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.timeout_s:g})"
             ) from None
-        return torch.stack([row for row, _ in results]), [run for _, run in results]
+        return np.stack([row for row, _ in results]), [run for _, run in results]
+
+    def submit(self, jobs: Sequence[Job]) -> None:
+        """Queue jobs for the inference thread (from any thread)."""
+        for job in jobs:
+            self._queue.put(job)
 
     # --- the inference thread --------------------------------------------------------------------
 
-    def _collect(self, first: _Item) -> list[_Item]:
+    def _collect(self, first: Job) -> list[Job]:
         batch = [first]
         until = first.queued_at + self.max_wait_s
         while len(batch) < self.max_batch_size:
@@ -190,7 +223,7 @@ class Batcher:
                 item = self._queue.get_nowait()  # already waiting: always take it
             except queue.Empty:
                 left = until - time.monotonic()
-                if left <= 0 or self._decoding <= 0:  # nothing else is on its way: don't wait for it
+                if left <= 0 or self._on_its_way() <= 0:  # nothing else is on its way: don't wait for it
                     break
                 try:
                     item = self._queue.get(timeout=left)
@@ -214,22 +247,34 @@ class Batcher:
             busy = True
             if first is None:
                 return
-            batch = [item for item in self._collect(first) if not item.abandoned]
-            if not batch:
-                continue
+            self._run(classifier, self._collect(first))
+
+    def _run(self, classifier: Classifier, collected: list[Job]) -> None:
+        batch = []
+        for job in collected:
+            if job.abandoned:
+                job.drop()
+            else:
+                batch.append(job)
+        if batch:
             started = time.perf_counter()
             began = time.monotonic()
             try:
-                scores = classifier.forward([item.pixels for item in batch])
+                scores = classifier.forward([job.pixels for job in batch]).numpy()
             except Exception as error:  # a failed pass fails its callers, never the thread
-                for item in batch:
-                    _hand_over(item, _fail, error)
-                continue
-            seconds = time.perf_counter() - started
-            if self._on_batch is not None:
-                self._on_batch(len(batch), seconds)
-            for row, item in enumerate(batch):
-                _hand_over(item, _deliver, (scores[row], BatchRun(len(batch), seconds, began - item.queued_at)))
+                for job in batch:
+                    job.fail(error)
+            else:
+                seconds = time.perf_counter() - started
+                if self._on_batch is not None:
+                    self._on_batch(len(batch), seconds)
+                for row, job in enumerate(batch):
+                    job.deliver(scores[row], BatchRun(len(batch), seconds, began - job.queued_at))
+        if self._after_batch is not None:
+            try:
+                self._after_batch()
+            except Exception:  # the answers could not be sent: never the end of the inference thread
+                logger.exception("handing a batch's answers back failed")
 
     def close(self) -> None:
         """Finish what is queued, then stop the inference thread."""

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from api.engine.checkpoint import Checkpoint
+from api.engine.pipeline import Served
 from api.engine.recipe import Recipe
 from api.engine.runtime import Runtime
 
@@ -57,17 +58,16 @@ class Classifier:
         """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU."""
         return self.runtime.forward(np.stack(items))
 
-    def rank(self, scores: torch.Tensor, top_k: int) -> list[tuple[int, str, float]]:
-        """One image's scores -> [(index, label, score)], best first.
-
-        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
-        """
-        if self.multi_label:
-            indices = torch.nonzero(scores >= self.threshold).flatten()
-            order = indices[scores[indices].argsort(descending=True)]
-        else:
-            order = scores.topk(min(top_k, scores.numel())).indices
-        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+    @property
+    def served(self) -> Served:
+        return Served(
+            self.architecture,
+            self.class_names,
+            str(self.device),
+            self.checkpoint.sha256,
+            multi_label=self.multi_label,
+            threshold=self.threshold,
+        )
 
     def describe(self) -> dict[str, Any]:
         """What is being served, in one place: the model-info route and the ready line both read it."""

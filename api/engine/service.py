@@ -16,7 +16,7 @@ import contextvars
 import functools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -26,12 +26,12 @@ import numpy as np
 import torch
 
 from api.config import BatchingSettings, ModelSettings
-from api.engine.batching import Batcher, BatchRun, Ticket
+from api.engine.batching import Batcher
+from api.engine.pipeline import Classification, Classified, ImageDescription, Outcome, Ticket, prepare_upload
 from api.engine.classifier import Classifier
 from api.engine.cpu import CpuBudget, cpu_budget
 from api.engine.loader import load_classifier
-from api.engine.memory import cap_arenas, keep_freed_memory, release_after_decode, release_free_memory
-from api.engine.preprocess import decode_image
+from api.engine.memory import cap_arenas, keep_freed_memory, release_free_memory
 from api.errors import RequestError
 
 logger = logging.getLogger(__name__)
@@ -56,38 +56,6 @@ class _Quiet:
         pass
 
 
-@dataclass(frozen=True)
-class ImageDescription:
-    width: int
-    height: int
-    format: str
-
-
-@dataclass(frozen=True)
-class Classified:
-    """One image's answer: its labels (best first), its scores and how it was served."""
-
-    labels: list[tuple[int, str, float]]
-    scores: torch.Tensor
-    image: ImageDescription
-    run: BatchRun
-
-
-Outcome = Classified | RequestError
-
-
-@dataclass(frozen=True)
-class Classification:
-    """The outcomes in upload order, when decoding ended, and the batches that served them."""
-
-    outcomes: list[Outcome]
-    prepared_at: float  # time.perf_counter() once every upload was decoded
-
-    @property
-    def runs(self) -> list[BatchRun]:
-        return [o.run for o in self.outcomes if isinstance(o, Classified)]
-
-
 class Engine:
     """The classifier, its batcher and the decode pool, started together and closed together."""
 
@@ -107,11 +75,23 @@ class Engine:
         self._decoder = decoder
         self._observer = observer
         self._reduce_to = classifier.resize_short_side if options.reduced_decode else None
+        self.served = classifier.served
 
     @classmethod
-    def start(cls, model: ModelSettings, batching: BatchingSettings, observer: Observer | None = None) -> Engine:
+    def start(
+        cls,
+        model: ModelSettings,
+        batching: BatchingSettings,
+        observer: Observer | None = None,
+        *,
+        on_its_way: Callable[[], int] | None = None,
+        after_batch: Callable[[], None] | None = None,
+    ) -> Engine:
         """Load the classifier on the inference thread (threads sized from the CPU quota), start its
-        batcher and the decode pool. Blocks until loaded and warmed up."""
+        batcher and the decode pool. Blocks until loaded and warmed up.
+
+        The engine process (api/engine/host.py) passes `on_its_way` (images front-ends are still
+        decoding) and `after_batch` (send the batch's replies) and submits jobs itself."""
         watcher = observer or _Quiet()
         budget = cpu_budget(batching.num_threads, workers=batching.workers)
         logger.info("cpu: %s; inference threads %d, decode pool %d", budget.describe(), budget.threads, budget.threads)
@@ -134,6 +114,8 @@ class Engine:
             timeout_s=batching.request_timeout_s,
             on_batch=on_batch,
             on_depth=watcher.on_depth,
+            on_its_way=on_its_way,
+            after_batch=after_batch,
         )
         classifier = batcher.start(load)
         release_free_memory()  # what conversion, timing and warm-up freed goes back to the OS now
@@ -147,19 +129,8 @@ class Engine:
         return self.batcher.admit(images)
 
     def prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray]:
-        """Decode + the per-image half of preprocessing (in the decode pool). Only the model's input
-        and the image's description leave: a queued request holds its 224x224 pixels, never its canvas."""
-        decoded = decode_image(
-            data,
-            max_pixels=self.options.max_image_pixels,
-            reduce_to=self._reduce_to,
-            budget=self.options.decode_budget,
-        )
-        info = ImageDescription(decoded.width, decoded.height, decoded.format)
-        pixels = self.classifier.prepare(decoded.image)
-        priced = decoded.cost.memory
-        del decoded
-        release_after_decode(priced)
+        """Decode + the per-image half of preprocessing (in the decode pool)."""
+        info, pixels, _ = prepare_upload(data, self.classifier.split, self.options, reduce_to=self._reduce_to)
         return info, pixels
 
     async def _prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray] | RequestError:
@@ -190,7 +161,7 @@ class Engine:
                 run = runs[place]
                 self._observer.on_stage("queue", run.queued_s)
                 self._observer.on_stage("forward", run.forward_s)
-                labels = self.classifier.rank(scores[place], top_k)
+                labels = self.served.rank(scores[place], top_k)
                 outcomes[row] = Classified(labels, scores[place], info, run)
         return Classification([outcome for outcome in outcomes if outcome is not None], prepared_at)
 

@@ -7,11 +7,13 @@ Runners say what they need explicitly (`LoadPolicy`), and hand in the `ServiceSt
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,7 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
 from api.config import Settings
-from api.engine.service import Engine
+from api.engine.pipeline import Pipeline
 from api.errors import RequestError, StartupError
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.metrics import Metrics, MetricsMiddleware
@@ -50,6 +52,9 @@ class LoadPolicy:
 
 
 async def _start_engine(settings: Settings, state: ServiceState, metrics: Metrics, policy: LoadPolicy) -> None:
+    """In-process mode: this process loads the model."""
+    from api.engine.service import Engine  # torch: only in this mode
+
     try:
         engine = await asyncio.to_thread(Engine.start, settings.model_group, settings.batching_group, metrics)
     except StartupError as error:
@@ -63,13 +68,84 @@ async def _start_engine(settings: Settings, state: ServiceState, metrics: Metric
         metrics.load_seconds.set(engine.classifier.load_seconds)
         _log_ready(engine, settings)
         return
+    _fail(policy)
+
+
+def _fail(policy: LoadPolicy) -> None:
     if policy.exit_on_failure:
         # Fail fast: never linger half-started. Nothing was accepted (predict answered 503).
         logging.shutdown()
         os._exit(EXIT_LOAD_FAILED)
 
 
-def _log_ready(engine: Engine, settings: Settings) -> None:
+async def _link_engine(
+    settings: Settings, state: ServiceState, metrics: Metrics, policy: LoadPolicy, linked: asyncio.Event, owner: Owner
+) -> None:
+    """Process mode: connect to the group's engine process (starting it if none answers), and again
+    whenever it goes away, until this front-end stops. Readiness follows the link."""
+    from api.engine.cpu import cpu_budget
+    from api.engine.link import EngineLink
+
+    batching = settings.batching_group
+    threads = cpu_budget(batching.num_threads, workers=batching.workers).threads
+    first = True
+    while True:
+        try:
+            link = await EngineLink.connect(owner.address, owner.spawner, batching, threads, metrics)
+        except StartupError as error:
+            state.set_failed(str(error))
+            logger.error("model load failed: %s", error)
+            linked.set()
+            _fail(policy)
+            return
+        except ConnectionError as error:  # it died while loading: start the next one
+            logger.warning("engine process lost while loading (%s); starting it again", error)
+            await asyncio.sleep(0.2)
+            continue
+        owner.link = link
+        state.set_ready(link)
+        linked.set()
+        if first:
+            metrics.load_seconds.set(link.describe().get("load_seconds", 0.0))
+            _log_ready(link, settings)
+            first = False
+        else:
+            logger.info("engine process connected again: ready")
+        await link.lost.wait()
+        state.set_lost("the engine process stopped; restarting it")
+        logger.error("the engine process stopped: answering 503 until it is back")
+
+
+@dataclass
+class Owner:
+    """This front-end's hold on the engine process of its group."""
+
+    address: str
+    spawner: Any
+    exclusive: bool
+    link: Any = None
+
+
+def _owner(settings: Settings) -> Owner:
+    from api.engine.link import EngineConfig, EngineSpawner, engine_group
+    from api.engine import wire
+
+    group, shared = engine_group()
+    batching = dataclasses.replace(settings.batching_group, workers=1)  # the engine has the CPUs to itself
+    config = EngineConfig(
+        settings.model_group,
+        batching,
+        settings.engine_linger_s if shared else 0.0,
+        settings.log_level,
+        settings.log_dir,
+        settings.log_format,
+    )
+    device = settings.device.replace(":", "")
+    address = wire.address(group, device)
+    return Owner(address, EngineSpawner(address, config), exclusive=not shared)
+
+
+def _log_ready(engine: Pipeline, settings: Settings) -> None:
     """One line that says what is being served and under which limits (never the API key itself)."""
     described = engine.describe()
     summary = {
@@ -106,24 +182,41 @@ def _log_ready(engine: Engine, settings: Settings) -> None:
 def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: ServiceState | None = None) -> FastAPI:
     """Build the app. `state` is the runner's handle for draining (one is made when not given)."""
     load_policy = policy or LoadPolicy()
-    metrics = Metrics()
+    in_process = settings.inference == "inprocess"
+    metrics = Metrics(engine_figures=in_process)
     service = state or ServiceState()
     service.on_ready = metrics.on_ready
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        loader = asyncio.create_task(_start_engine(settings, service, metrics, load_policy))
+        if in_process:
+            loader = asyncio.create_task(_start_engine(settings, service, metrics, load_policy))
+            if load_policy.accept_after_load:
+                # Gunicorn worker: the server starts accepting when the lifespan has started, so other,
+                # ready workers take every connection until this one's model is loaded (none meets a 503)
+                await loader
+            try:
+                yield
+            finally:
+                service.set_stopping()
+                loader.cancel()
+                if service.engine is not None:
+                    await asyncio.to_thread(service.engine.close)
+            return
+        owner = app.state.owner = _owner(settings)
+        linked = asyncio.Event()
+        supervisor = asyncio.create_task(_link_engine(settings, service, metrics, load_policy, linked, owner))
         if load_policy.accept_after_load:
-            # Gunicorn worker: the server starts accepting when the lifespan has started, so other,
-            # ready workers take every connection until this one's model is loaded (none meets a 503)
-            await loader
+            await linked.wait()
         try:
             yield
         finally:
             service.set_stopping()
-            loader.cancel()
-            if service.engine is not None:
-                await asyncio.to_thread(service.engine.close)
+            supervisor.cancel()
+            if owner.link is not None:
+                owner.link.close()  # in-flight requests were finished by the server's drain
+            if owner.exclusive:  # the engine stops last: it ends once its only front-end has left
+                await asyncio.to_thread(owner.spawner.wait, 30.0)
 
     app = FastAPI(
         title="cat-breeds-api",

@@ -14,12 +14,12 @@ import time
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.responses import Response
+
+from api.engine.figures import LATENCY_BUCKETS, PREFIX, EngineFigures
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-PREFIX = "cat_breeds_api"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
-_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 # Where a prediction's time goes: reading the upload, decode + preprocess, waiting for a batch, the forward pass.
 STAGES = ("read", "decode", "queue", "forward")
 
@@ -29,9 +29,13 @@ def multiprocess_mode() -> bool:
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The HTTP side's figures; with `engine_figures` also the engine's (in-process mode). Behind an
+    engine process (`API_INFERENCE=process`), those come from it: `exposition(engine=...)`."""
+
+    def __init__(self, *, engine_figures: bool = True) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        self.engine = EngineFigures(registry) if engine_figures else None
         self.requests = Counter(
             f"{PREFIX}_http_requests_total",
             "HTTP requests answered, by route template, method and status.",
@@ -42,7 +46,7 @@ class Metrics:
             f"{PREFIX}_http_request_duration_seconds",
             "Time to answer an HTTP request, by route template.",
             ["route"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.in_flight = Gauge(
@@ -62,26 +66,8 @@ class Metrics:
             "Per image: read (upload received), decode (decode + preprocess), queue (waiting for a batch), "
             "forward (the forward pass of its batch).",
             ["stage"],
-            buckets=_LATENCY_BUCKETS,
+            buckets=LATENCY_BUCKETS,
             registry=registry,
-        )
-        self.inference = Histogram(
-            f"{PREFIX}_inference_duration_seconds",
-            "Forward pass time per batch.",
-            buckets=_LATENCY_BUCKETS,
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            f"{PREFIX}_inference_batch_size",
-            "Images per forward pass.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=registry,
-        )
-        self.queue_depth = Gauge(
-            f"{PREFIX}_queue_depth",
-            "Images admitted and not yet answered (decoding, queued or in a forward pass).",
-            registry=registry,
-            multiprocess_mode="livesum",
         )
         self.rejected = Counter(
             f"{PREFIX}_rejected_total",
@@ -101,25 +87,18 @@ class Metrics:
             registry=registry,
             multiprocess_mode="livemax",
         )
-        self.gpu_memory = Gauge(
-            f"{PREFIX}_gpu_memory_allocated_bytes",
-            "CUDA memory held by tensors after the latest forward pass (CUDA devices only).",
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
         for stage in STAGES:  # exported from the start, so dashboards see zeros, not gaps
             self.stage.labels(stage)
 
     # --- the engine's observer (api.engine.service.Observer) and readiness's ----------------------
 
     def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
-        self.batch_size.observe(size)
-        self.inference.observe(seconds)
-        if gpu_bytes is not None:
-            self.gpu_memory.set(gpu_bytes)
+        if self.engine is not None:
+            self.engine.on_batch(size, seconds, gpu_bytes)
 
     def on_depth(self, depth: int) -> None:
-        self.queue_depth.set(depth)
+        if self.engine is not None:
+            self.engine.on_depth(depth)
 
     def on_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage).observe(seconds)
@@ -127,14 +106,15 @@ class Metrics:
     def on_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)
 
-    def exposition(self) -> Response:
-        """The scrape: every worker's figures under Gunicorn, this process's otherwise."""
+    def exposition(self, engine: bytes = b"") -> Response:
+        """The scrape: every worker's figures under Gunicorn, this process's otherwise, then the
+        engine process's own (once, whichever front-end answers)."""
         if multiprocess_mode():
             registry = CollectorRegistry()
             prometheus_multiprocess.MultiProcessCollector(registry)
         else:
             registry = self.registry
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(registry) + engine, media_type=CONTENT_TYPE_LATEST)
 
 
 class MetricsMiddleware:

@@ -14,8 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from api.engine.classifier import Classifier
-from api.engine.service import Engine
+from api.engine.pipeline import Pipeline, Served
 from api.errors import ServiceUnavailable
 
 Status = Literal["loading", "ready", "failed", "draining", "stopping"]
@@ -32,7 +31,7 @@ class ServiceState:
 
     status: Status = "loading"
     reason: str | None = "loading the model"
-    engine: Engine | None = None
+    engine: Pipeline | None = None
     on_ready: ReadyObserver = _ignore
     started_at: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -42,20 +41,28 @@ class ServiceState:
         return self.status == "ready"
 
     @property
-    def classifier(self) -> Classifier | None:
-        return self.engine.classifier if self.engine else None
+    def served(self) -> Served | None:
+        return self.engine.served if self.engine else None
 
     @property
     def uptime_s(self) -> float:
         return time.monotonic() - self.started_at
 
-    def set_ready(self, engine: Engine) -> None:
+    def set_ready(self, engine: Pipeline) -> None:
         with self._lock:
             if self.status in ("loading", "draining"):  # draining: still serve, still close it at the end
                 self.engine = engine
             if self.status == "loading":
                 self.status, self.reason = "ready", None
         self.on_ready(self.ready)
+
+    def set_lost(self, reason: str) -> None:
+        """What served predictions went away (the engine process died): 503 until it is back."""
+        with self._lock:
+            self.engine = None
+            if self.status == "ready":
+                self.status, self.reason = "loading", reason
+        self.on_ready(False)
 
     def set_failed(self, reason: str) -> None:
         with self._lock:
@@ -73,7 +80,7 @@ class ServiceState:
             self.status, self.reason = "stopping", "the service is shutting down"
         self.on_ready(False)
 
-    def require_ready(self) -> Engine:
+    def require_ready(self) -> Pipeline:
         """What serves predictions, or a 503 that says why nothing does."""
         engine = self.engine
         if self.status not in ("ready", "draining") or engine is None:

@@ -17,7 +17,7 @@ _NOT_READY: dict[int | str, dict[str, Any]] = {
 
 
 def _health(state: StateDep, response: Response) -> Health:
-    classifier = state.classifier
+    served = state.served
     if not state.ready:
         response.status_code = 503
         response.headers["Retry-After"] = "5"
@@ -25,8 +25,8 @@ def _health(state: StateDep, response: Response) -> Health:
         status=state.status,
         ready=state.ready,
         reason=state.reason,
-        architecture=classifier.architecture if classifier else None,
-        device=str(classifier.device) if classifier else None,
+        architecture=served.architecture if served else None,
+        device=served.device if served else None,
         uptime_s=round(state.uptime_s, 3),
     )
 
@@ -50,7 +50,8 @@ async def live() -> Liveness:
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-def metrics(metrics: MetricsDep) -> Response:
+async def metrics(metrics: MetricsDep, state: StateDep) -> Response:
     """Prometheus text format (`cat_breeds_api_*`): requests and latency by route and status, stages,
     inference time, batch size, queue depth, rejections, readiness, load time, GPU memory."""
-    return metrics.exposition()
+    engine_metrics = getattr(state.engine, "engine_metrics", None)  # the engine process's figures
+    return metrics.exposition(engine=await engine_metrics() if engine_metrics else b"")

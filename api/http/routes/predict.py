@@ -8,8 +8,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.engine.classifier import Classifier
-from api.engine.service import Classification, Classified
+from api.engine.pipeline import Classification, Classified, Served
 from api.errors import RequestError
 from api.http.deps import HttpDep, MetricsDep, StateDep, require_api_key
 from api.http.metrics import Metrics
@@ -68,12 +67,12 @@ def _body_doc(multiple: bool) -> dict[str, Any]:
     }
 
 
-def _identity(classifier: Classifier) -> ModelIdentity:
+def _identity(served: Served) -> ModelIdentity:
     return ModelIdentity(
-        architecture=classifier.architecture,
-        num_classes=classifier.num_classes,
-        checkpoint_sha256=classifier.checkpoint.sha256,
-        multi_label=classifier.multi_label,
+        architecture=served.architecture,
+        num_classes=served.num_classes,
+        checkpoint_sha256=served.checkpoint_sha256,
+        multi_label=served.multi_label,
     )
 
 
@@ -141,7 +140,7 @@ async def predict(
     return PredictResponse(
         predictions=result.predictions,
         image=result.image,
-        model=_identity(engine.classifier),
+        model=_identity(engine.served),
         timing=_timing(started, classification, request),
     )
 
@@ -183,5 +182,5 @@ async def predict_batch(
             _record(metrics, "ok")
             items.append(BatchItem(filename=upload.filename, ok=True, result=_prediction(outcome)))
     return BatchResponse(
-        results=items, model=_identity(engine.classifier), timing=_timing(started, classification, request)
+        results=items, model=_identity(engine.served), timing=_timing(started, classification, request)
     )

@@ -1,0 +1,155 @@
+"""What serves predictions, in types that need no torch.
+
+Two things answer `classify(ticket, uploads)` the same way: `api.engine.service.Engine` (the model
+in this process) and `api.engine.link.EngineLink` (a front-end process's connection to the engine
+process, api/engine/host.py). The HTTP routes, readiness and the CLI see only `Pipeline`, so a
+front-end process never imports torch (tests/reliability/test_frontends.py proves it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from api.config import BatchingSettings
+from api.engine.decode import decode_image
+from api.engine.memory import release_after_decode
+from api.engine.recipe import Recipe
+from api.errors import RequestError
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """How one image was served: the size of its batch, that forward pass, its wait in the queue."""
+
+    size: int
+    forward_s: float
+    queued_s: float
+
+
+@dataclass
+class Ticket:
+    """Room reserved for admitted images; `queued` of them have reached the queue."""
+
+    queued: int = 0
+
+
+@dataclass(frozen=True)
+class ImageDescription:
+    width: int
+    height: int
+    format: str
+
+
+@dataclass(frozen=True)
+class Classified:
+    """One image's answer: its labels (best first), its scores and how it was served."""
+
+    labels: list[tuple[int, str, float]]
+    scores: np.ndarray  # C float32
+    image: ImageDescription
+    run: BatchRun
+
+
+Outcome = Classified | RequestError
+
+
+@dataclass(frozen=True)
+class Classification:
+    """The outcomes in upload order, when decoding ended, and the batches that served them."""
+
+    outcomes: list[Outcome]
+    prepared_at: float  # time.perf_counter() once every upload was decoded
+
+    @property
+    def runs(self) -> list[BatchRun]:
+        return [o.run for o in self.outcomes if isinstance(o, Classified)]
+
+
+@dataclass(frozen=True)
+class Served:
+    """What is being served, as the answers name it."""
+
+    architecture: str
+    class_names: tuple[str, ...]
+    device: str
+    checkpoint_sha256: str
+    multi_label: bool = False
+    threshold: float = 0.5
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def rank(self, scores: np.ndarray, top_k: int) -> list[tuple[int, str, float]]:
+        """One image's scores -> [(index, label, score)], best first.
+
+        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
+        """
+        if self.multi_label:
+            above = np.flatnonzero(scores >= self.threshold)
+            order = above[np.argsort(-scores[above], kind="stable")]
+        else:
+            order = np.argsort(-scores, kind="stable")[: min(top_k, scores.size)]
+        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "class_names": list(self.class_names),
+            "device": self.device,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "multi_label": self.multi_label,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Served:
+        return cls(**{**data, "class_names": tuple(data["class_names"])})
+
+
+class Pipeline(Protocol):
+    """Admit, classify, describe, close: what the HTTP side and the CLI call."""
+
+    @property
+    def served(self) -> Served: ...
+
+    def admit(self, images: int) -> AbstractContextManager[Ticket]: ...
+
+    async def classify(
+        self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+    ) -> Classification: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def close(self) -> None: ...
+
+
+def prepare_upload(
+    data: bytes,
+    recipe: Recipe,
+    options: BatchingSettings,
+    *,
+    reduce_to: int | None,
+    ship_decoded_bytes: int = 0,
+) -> tuple[ImageDescription, np.ndarray, bool]:
+    """Decode + the per-image half of preprocessing (in a decode pool, here or in a front-end).
+
+    Answers the image's description, its pixels and whether they still need the resize + crop: with
+    `ship_decoded_bytes` (the engine resizes on its GPU) a decoded image that fits is sent as is.
+    Only the pixels leave: a queued request holds its model input, never its canvas."""
+    decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget)
+    info = ImageDescription(decoded.width, decoded.height, decoded.format)
+    image = decoded.image
+    if image.width * image.height * 3 <= ship_decoded_bytes and max(image.size) < 65536:
+        pixels, needs_resize = np.asarray(image.convert("RGB"), dtype=np.uint8), True
+    else:
+        pixels, needs_resize = recipe.pixels(image), False
+    priced = decoded.cost.memory
+    del decoded, image
+    release_after_decode(priced)
+    return info, pixels, needs_resize
