@@ -67,10 +67,11 @@ class Settings(BaseSettings):
     multi_label: bool = Field(False, description="Sigmoid head: answer every label above the threshold.")
     threshold: float = Field(0.5, gt=0.0, lt=1.0, description="Score threshold for multi-label models.")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N or mps.")
-    runtime: Literal["auto", "torch", "openvino"] = Field(
+    runtime: Literal["auto", "torch", "openvino", "null"] = Field(
         "auto",
         description="What runs the forward pass. auto: PyTorch on CUDA/MPS; on a CPU the fastest of OpenVINO "
-        "and PyTorch for this model on this CPU, timed once and remembered in API_CACHE_DIR.",
+        "and PyTorch for this model on this CPU, timed once and remembered in API_CACHE_DIR. null: no forward "
+        "pass at all (scores from the first pixel), for benchmarks and tests of everything around the model.",
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         "auto",

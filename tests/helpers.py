@@ -59,6 +59,7 @@ def load_model(checkpoint: Path, **values: object) -> Classifier:
     """`load_classifier` on the CPU with PyTorch unless told otherwise, and no model cache."""
     values.setdefault("device", "cpu")
     values.setdefault("runtime", "torch")
+    values.setdefault("precision", "fp32")  # exact comparisons: auto picks bf16 on an AMX/AVX512-BF16 host
     return load_classifier(ModelSettings(checkpoint_path=checkpoint, **values))  # type: ignore[arg-type]
 
 

@@ -6,6 +6,7 @@ scrape as a dict, readiness polls instead of sleeps.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -149,6 +150,7 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.cwd = cwd
+        command = [part.replace("{port}", str(self.port)) for part in command]  # for uvicorn's --port
         self.process = start_process(command, process_env(API_PORT=self.port, **env), cwd)
 
     @property
@@ -208,6 +210,8 @@ def served_process(command: list[str], cwd: Path, *, ready: bool = True, **env: 
             server.wait_ready()
         yield server
     finally:
-        if server.process.poll() is None:
-            server.process.kill()
+        tree = process_tree(server.pid)  # uvicorn's workers and the engine outlive a killed parent
+        for pid in reversed(tree):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         server.process.wait(timeout=30)

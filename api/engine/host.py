@@ -14,6 +14,7 @@ after SIGTERM/SIGINT when the last has gone, and when the front-end that owns it
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import selectors
@@ -143,7 +144,8 @@ class Host:
             except BlockingIOError:
                 time.sleep(0.02)
                 continue
-            wire.send_json(sock, wire.FAILED_LOAD, {"error": reason})
+            with contextlib.suppress(OSError):
+                wire.send_json(sock, wire.FAILED_LOAD, {"error": reason})
             sock.close()
 
     def _serve(self) -> None:
@@ -178,12 +180,15 @@ class Host:
             self.board.clear(frontend.index)
             self.frontends[sock] = frontend
             selector.register(sock, selectors.EVENT_READ)
-            wire.send_json(sock, wire.HELLO, {**self.hello, "index": frontend.index}, fds=(self.board.fd,))
+            try:
+                wire.send_json(sock, wire.HELLO, {**self.hello, "index": frontend.index}, fds=(self.board.fd,))
+            except OSError:  # it went away while we loaded
+                self._leave(selector, frontend)
 
     def _read(self, selector: selectors.BaseSelector, frontend: Frontend) -> None:
         while True:
             try:
-                message, fds, _, _ = socket.recv_fds(frontend.sock, wire.MAX_MESSAGE, 1, socket.MSG_DONTWAIT)
+                message, fds = wire.receive(frontend.sock, wait=False)
             except BlockingIOError:
                 return
             except OSError:

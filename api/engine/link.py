@@ -86,10 +86,16 @@ class EngineSpawner:
         self.process.stdin.write(pickle.dumps(self.config))
         self.process.stdin.close()
 
+    def forget(self) -> None:
+        """A new attempt: an engine of ours that ended before (killed, say) is reaped and forgotten."""
+        if self.process is not None and self.process.poll() is not None:
+            self.process = None
+
     def failed(self) -> int | None:
-        """The exit status of our engine if it ended without serving (not a lost race: 0)."""
+        """The exit status of the engine we started if it ended with an error before serving (a lost
+        race ends with 0; one killed by a signal is started again)."""
         code = self.process.poll() if self.process is not None else None
-        return code if code not in (None, 0) else None
+        return code if code is not None and code > 0 else None
 
     def wait(self, timeout_s: float) -> None:
         """The engine stops last: wait for ours to end (it does once no front-end is connected)."""
@@ -157,6 +163,7 @@ class EngineLink:
     ) -> EngineLink:
         """Connect to the group's engine, starting one if none answers; returns once it is loaded."""
         loop = asyncio.get_running_loop()
+        spawn.forget()
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             try:
@@ -170,7 +177,7 @@ class EngineLink:
             spawn()
             await asyncio.sleep(0.05)
         try:
-            message, fds, _, _ = await loop.run_in_executor(None, socket.recv_fds, sock, wire.MAX_MESSAGE, 1)
+            message, fds = await loop.run_in_executor(None, wire.receive, sock)
         except BaseException:
             sock.close()
             raise

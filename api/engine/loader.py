@@ -26,6 +26,7 @@ from api.engine.classifier import Classifier
 from api.engine.device import resolve_device
 from api.engine.labels import resolve_class_names
 from api.engine.model_cache import ModelCache
+from api.engine.null_runtime import NullRuntime
 from api.engine.preprocess import build_transform, split_transform
 from api.engine.recipe import Recipe
 from api.engine.runtime import Head, Precision, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name, resolve_precision
@@ -162,6 +163,8 @@ class _Plan:
 def _choose_runtime(plan: _Plan) -> tuple[Runtime, str]:
     """API_RUNTIME -> the runtime, and why it is that one (for the ready line)."""
     asked, device = plan.settings.runtime, plan.device
+    if asked == "null":
+        return NullRuntime(len(plan.built.class_names)), "API_RUNTIME=null: no forward pass (bench and tests only)"
     if asked == "torch" or device.type != "cpu":
         if asked == "openvino":
             raise ConfigError(

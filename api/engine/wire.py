@@ -15,6 +15,7 @@ Pixels never cross the socket: per image the engine reads a 32-byte record and w
 
 from __future__ import annotations
 
+import array
 import fcntl
 import json
 import mmap
@@ -64,6 +65,17 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"", fds: tuple[int,
 
 def send_json(sock: socket.socket, kind: bytes, data: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
     send(sock, kind, json.dumps(data).encode(), fds)
+
+
+def receive(sock: socket.socket, *, wait: bool = True) -> tuple[bytes, list[int]]:
+    """One message and the descriptors that came with it; b"" when the peer has gone. Without
+    `wait`, BlockingIOError when none is there. (socket.recv_fds ignores its flags in Python 3.11.)"""
+    message, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(4), 0 if wait else socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    return message, list(fds)
 
 
 def chunks(records: np.ndarray) -> Iterator[bytes]:

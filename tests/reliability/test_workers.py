@@ -141,8 +141,10 @@ def test_each_record_is_written_once(two_workers: ServerProcess, chelsea_jpeg: b
     assert len(raw) == len(set(raw)), "a line was written twice"
 
 
-def test_the_master_never_loads_torch(two_workers: ServerProcess) -> None:
-    """Gunicorn's master imports the worker class, not the engine: no libtorch mapped, no model memory."""
-    workers = two_workers.children()
-    assert workers and all("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in workers)  # the check sees it
-    assert "libtorch" not in Path(f"/proc/{two_workers.pid}/maps").read_text()
+def test_only_the_engine_loads_torch(two_workers: ServerProcess) -> None:
+    """Gunicorn's master and its workers (the front-ends) never load torch: one engine process does."""
+    tree = two_workers.children()
+    engines = [pid for pid in tree if b"api.ops.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert len(engines) == 1 and "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()  # the check sees it
+    for pid in [two_workers.pid, *(p for p in tree if p not in engines)]:
+        assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid

@@ -55,7 +55,7 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
     assert batches == [8], f"expected one forward pass of 8, got {batches}"
     alone = [classifier.forward([img])[0] for img in images]
     for a, b in zip(together, alone, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5)
     assert batcher.depth == 0
 
 
