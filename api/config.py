@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         description="process: one engine process per device holds the model and batches for every front-end "
         "(front-ends never import torch); inprocess: each worker loads its own model (tests, small hosts).",
     )
+    preprocess: Literal["auto", "frontend", "engine"] = Field(
+        "auto",
+        description="Where resize + crop run behind an engine process. auto: on the engine's GPU when it has "
+        "one (front-ends ship decoded images), else in the front-ends (the exact PIL path); engine/frontend: force.",
+    )
     engine_linger_s: float = Field(
         10.0, ge=0, le=3600, description="How long the engine process outlives its last front-end (a reload's gap)."
     )
@@ -296,6 +301,7 @@ class BatchingSettings:
     workers: int = 1
     heap_keep_mb: int = 0
     reduced_decode: bool = True
+    preprocess: str = "auto"
     max_image_pixels: int = 50_000_000
     decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET_MP))
 

@@ -13,6 +13,7 @@ import torch
 from PIL import Image
 
 from api.engine.checkpoint import Checkpoint
+from api.engine.device_resize import resize_crop
 from api.engine.pipeline import Served
 from api.engine.recipe import Recipe
 from api.engine.runtime import Runtime
@@ -55,8 +56,15 @@ class Classifier:
         return self.split.pixels(image)
 
     def forward(self, items: Sequence[np.ndarray]) -> torch.Tensor:
-        """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU."""
-        return self.runtime.forward(np.stack(items))
+        """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU.
+
+        Images not yet resized and cropped (decoded ones a front-end shipped, API_PREPROCESS=engine)
+        are resized and cropped here, on the model's device (api/engine/device_resize.py)."""
+        crop = self.split.crop
+        if all(item.shape[:2] == crop for item in items):
+            return self.runtime.forward(np.stack(items))
+        batch = resize_crop(items, self.split, self.device)
+        return self.runtime.forward(batch if self.runtime.name == "torch" else batch.cpu().numpy())
 
     @property
     def served(self) -> Served:

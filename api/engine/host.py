@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from api.config import BatchingSettings, ModelSettings
 from api.engine import wire
+from api.engine.device_resize import resize_mode
 from api.engine.figures import EngineFigures
 from api.engine.pipeline import BatchRun
 from api.engine.service import Engine
@@ -124,7 +125,7 @@ class Host:
             "recipe": classifier.split.to_dict(),
             "reduce_to": classifier.resize_short_side if self.batching.reduced_decode else None,
             "pixel_bytes": 3 * classifier.input_size[1] * classifier.input_size[2],
-            "ship_decoded_bytes": 0,
+            "ship_decoded_bytes": self._ship_decoded_bytes(),
             "max_queue": self.batching.max_queue,
         }
         logger.info("engine ready: %s on %s", classifier.architecture, classifier.device)
@@ -133,6 +134,20 @@ class Host:
         finally:
             self.engine.close()
         return 0
+
+    def _ship_decoded_bytes(self) -> int:
+        """How large a decoded image the front-ends may ship for resizing here (0: they resize).
+
+        Up to twice the resize target on each side: a reduced-scale JPEG decode (never below the
+        target) of an ordinary photo fits; anything larger is resized by the front-end."""
+        assert self.engine is not None
+        classifier = self.engine.classifier
+        where = self.batching.preprocess
+        on_engine = where == "engine" or (where == "auto" and classifier.device.type == "cuda")
+        if not on_engine or resize_mode(classifier.split) is None:
+            return 0
+        side = 2 * classifier.resize_short_side
+        return 3 * side * side * 3 // 2
 
     def _refuse(self, reason: str) -> None:
         """The load failed: tell every front-end waiting (and any that connects right now), then end."""

@@ -18,7 +18,7 @@ import numpy as np
 from api.config import BatchingSettings
 from api.engine.decode import decode_image
 from api.engine.memory import release_after_decode
-from api.engine.recipe import Recipe
+from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe
 from api.errors import RequestError
 
 
@@ -145,7 +145,9 @@ def prepare_upload(
     decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget)
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
     image = decoded.image
-    if image.width * image.height * 3 <= ship_decoded_bytes and max(image.size) < 65536:
+    resized_w, resized_h = recipe.resized_size(image.width, image.height)
+    bounded = resized_w * resized_h <= EXACT_RESIZE_LIMIT * recipe.crop[0] * recipe.crop[1]
+    if image.width * image.height * 3 <= ship_decoded_bytes and bounded and max(image.size) < 65536:
         pixels, needs_resize = np.asarray(image.convert("RGB"), dtype=np.uint8), True
     else:
         pixels, needs_resize = recipe.pixels(image), False

@@ -37,11 +37,18 @@ class TorchRuntime:
         object.__setattr__(self, "_std", torch.tensor(self.head.std, device=self.device).view(1, -1, 1, 1))
 
     @torch.inference_mode()
-    def forward(self, pixels: np.ndarray) -> torch.Tensor:
+    def forward(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """N x H x W x 3 uint8 (on the host, or already on the device: resized there) -> scores."""
         rows = pixels.shape[0]
-        if self.padded_sizes:
-            pixels = pad_rows(pixels, self.padded_sizes)
-        batch = self._to_device(torch.from_numpy(pixels))  # N x H x W x 3 uint8
+        if isinstance(pixels, torch.Tensor):
+            batch = pixels.to(self.device)
+            if self.padded_sizes:
+                size = next((s for s in self.padded_sizes if s >= rows), rows)
+                batch = torch.cat([batch, batch.new_zeros((size - rows, *batch.shape[1:]))]) if size > rows else batch
+        else:
+            if self.padded_sizes:
+                pixels = pad_rows(pixels, self.padded_sizes)
+            batch = self._to_device(torch.from_numpy(pixels))  # N x H x W x 3 uint8
         # NHWC permuted to NCHW is channels_last in memory already: no copy for the model's layout.
         batch = batch.permute(0, 3, 1, 2).float().div_(255).sub_(self._mean).div_(self._std)
         if self.graphs is not None and batch.shape[0] in self.graphs.sizes:
