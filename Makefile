@@ -10,7 +10,7 @@ CHECKOV := $(CHECKOV_VENV)/bin/checkov
 CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 
-.PHONY: install run test lint format bench demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test lint format bench bench-frontend demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -61,6 +61,10 @@ docker-down:
 # Throughput and latency vs the in-process ceiling (not part of `make test`): artifacts/bench/.
 bench: $(STAMP)
 	$(BIN)/python -m bench.run
+
+# The front-end-bound scenario: no forward pass (API_RUNTIME=null), CPU per image per process.
+bench-frontend: $(STAMP)
+	$(BIN)/python -m bench.frontend
 
 lint: $(STAMP)
 	$(BIN)/ruff check api tests bench scripts

@@ -175,6 +175,12 @@ class Settings(BaseSettings):
         "json", description="json: one JSON object per line (log collectors); text: for a terminal."
     )
 
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _default_workers(cls, value: Any) -> Any:
+        # WEB_CONCURRENCY= (blank, as the production Compose file passes it when unset): the default
+        return default_frontends() if isinstance(value, str) and not value.strip() else value
+
     @field_validator("device")
     @classmethod
     def _check_device(cls, value: str) -> str:

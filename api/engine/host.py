@@ -119,13 +119,15 @@ class Host:
             self._refuse(f"unexpected {type(error).__name__} while loading the model: {error}")
             return 3
         classifier = self.engine.classifier
+        ship = self._ship_decoded_bytes()
         self.hello = {
             "served": self.engine.served.to_dict(),
             "describe": self.engine.describe(),
             "recipe": classifier.split.to_dict(),
             "reduce_to": classifier.resize_short_side if self.batching.reduced_decode else None,
-            "pixel_bytes": 3 * classifier.input_size[1] * classifier.input_size[2],
-            "ship_decoded_bytes": self._ship_decoded_bytes(),
+            "ship_decoded_bytes": ship,
+            # a ring slot holds the model's input, or a decoded image up to what may be shipped
+            "pixel_bytes": max(3 * classifier.input_size[1] * classifier.input_size[2], ship),
             "max_queue": self.batching.max_queue,
         }
         logger.info("engine ready: %s on %s", classifier.architecture, classifier.device)

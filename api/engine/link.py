@@ -142,7 +142,7 @@ class EngineLink:
         self._reduce_to = hello["reduce_to"]
         self._ship = int(hello["ship_decoded_bytes"])
         self.max_queue = int(hello["max_queue"])
-        layout = wire.Layout(max(int(hello["pixel_bytes"]), self._ship), self.served.num_classes)
+        layout = wire.Layout(int(hello["pixel_bytes"]), self.served.num_classes)
         slots = min(2 * self.max_queue, 4096)  # abandoned slots stay taken until the engine answers them
         self.ring = wire.Ring.create(slots, layout)
         self._free: deque[int] = deque(range(slots))
