@@ -5,7 +5,10 @@
 # 1. tests/gpu: fp16/bf16 against fp32, padded batches, torch.compile and the service, on the GPU;
 # 2. resnet50 fp16, one worker batching up to 64, concurrency 1/16/64, against the in-process GPU ceiling;
 # 3. the same at concurrency 64 with the eager forward pass (API_CUDA_GRAPHS=false), for comparison;
-# 4. the same at concurrency 64 with WORKERS (default 4) Gunicorn workers sharing the GPU.
+# 4. the same at concurrency 64 with WORKERS (default: the CPUs less 2) front-ends and one engine
+#    process, for both photos (451x300 with resize on the GPU, 1600x1066);
+# 5. model-only resnet50 at batch 64/128/256, NCHW and channels_last, eager and CUDA graphs;
+# 6. the front-end bench (null model): CPU per image per process, the engine loop's ceiling.
 # Every step runs even if one before it failed; the exit status is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -24,5 +27,9 @@ common=(--device cuda --precision fp16 --max-batch-size 64 --requests 1024 --cei
 step "$PYTHON" -m pytest tests/gpu -q -p no:cacheprovider -W default --junit-xml "$OUT_DIR/tests.xml"
 step "$PYTHON" -m bench.run "${common[@]}" --concurrency 1,16,64 --out "$OUT_DIR/one-worker"
 step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64 --server-env API_CUDA_GRAPHS=false --out "$OUT_DIR/eager"
-step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64 --workers "${WORKERS:-4}" --out "$OUT_DIR/workers"
+workers=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
+step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64,256 --workers "$workers" --max-batch-size 128 \
+    --images chelsea_451x300,photo_1600x1066 --out "$OUT_DIR/frontends"
+step "$PYTHON" -m bench.model_only
+step "$PYTHON" -m bench.frontend --seconds 5
 exit $status
