@@ -91,7 +91,7 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
         except ConnectionRefusedError:
             spawner()
             time.sleep(0.05)
-    message, fds = wire.receive(sock)
+    message, _ = wire.receive(sock)
     hello = json.loads(message[1:])
     height, width = hello["recipe"]["crop"]
     layout = wire.Layout(hello["pixel_bytes"], len(hello["served"]["class_names"]))
@@ -132,9 +132,21 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
     images, elapsed, cpu = run(seconds)
     wire.send(sock, wire.METRICS)
     text = wire.receive(sock)[0][1:].decode()
-    forward_s = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cat_breeds_api_inference_duration_seconds_sum"))
-    batches = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cat_breeds_api_inference_batch_size_count"))
-    total = sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith("cat_breeds_api_inference_batch_size_sum"))
+    forward_s = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cat_breeds_api_inference_duration_seconds_sum")
+    )
+    batches = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cat_breeds_api_inference_batch_size_count")
+    )
+    total = sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("cat_breeds_api_inference_batch_size_sum")
+    )
     sock.close()
     spawner.wait(30)
     return {
@@ -153,7 +165,9 @@ def wrk_script(folder: Path, jpeg: Path) -> Path:
     boundary = "catbreedsbench"
     body.write_bytes(
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cat.jpg"\r\n'
-        f"Content-Type: image/jpeg\r\n\r\n".encode() + jpeg.read_bytes() + f"\r\n--{boundary}--\r\n".encode()
+        f"Content-Type: image/jpeg\r\n\r\n".encode()
+        + jpeg.read_bytes()
+        + f"\r\n--{boundary}--\r\n".encode()
     )
     script = folder / f"{jpeg.stem}.lua"
     script.write_text(
@@ -163,8 +177,18 @@ def wrk_script(folder: Path, jpeg: Path) -> Path:
     return script
 
 
-def load(server: ServerProcess, script: Path, seconds: float, connections: int) -> tuple[subprocess.CompletedProcess[str], float]:
-    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script), server.url + "/api/v1/predict"]
+def load(
+    server: ServerProcess, script: Path, seconds: float, connections: int
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    command = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "-s",
+        str(script),
+        server.url + "/api/v1/predict",
+    ]
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     wrk_pid = process.pid
@@ -193,7 +217,7 @@ def serve_and_measure(
         assert len(workers) == frontends, (workers, frontends)
         before = scrape(server.url)
         cpu0 = {pid: cpu_s(pid) for pid in [*workers, engine]}
-        out, elapsed = load(server, script, seconds, connections)
+        _, elapsed = load(server, script, seconds, connections)
         cpu1 = {pid: cpu_s(pid) for pid in [*workers, engine]}
         after = scrape(server.url)
     finally:
@@ -234,7 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_http:
         return
     rows = []
-    print("\n| image | resize in | front-ends | img/s | front-end CPU ms/img | engine CPU ms/img | cores busy | target |")
+    print(
+        "\n| image | resize in | front-ends | img/s | front-end CPU ms/img | engine CPU ms/img | cores busy | target |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, preprocess in (("451x300", "engine"), ("451x300", "frontend"), ("1600x1066", "frontend")):
         script = wrk_script(folder, jpegs[name])
@@ -248,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
             print(
                 f"| {name} | {preprocess} | {frontends} | {row['img_s']:.0f} | {row['frontend_ms_per_image']:.3f} | "
                 f"{row['engine_ms_per_image']:.3f} | {row['cores_busy_servers']:.2f} | "
-                f"{'<= ' + str(target) + ' ms' if target else ''} |" + (f" ({row['errors']:.0f} errors)" if row["errors"] else "")
+                f"{'<= ' + str(target) + ' ms' if target else ''} |"
+                + (f" ({row['errors']:.0f} errors)" if row["errors"] else "")
             )
     print("\nscaling, 1 -> 2 front-ends (target: front-end CPU/img changes <= 10 %):")
     for index in range(0, len(rows), 2):

@@ -26,8 +26,8 @@ from typing import Protocol
 import numpy as np
 
 from api.engine.classifier import Classifier
-from api.engine.pipeline import BatchRun, Ticket
 from api.engine.memory import release_free_memory
+from api.engine.pipeline import BatchRun, Ticket
 from api.errors import GatewayTimeout, Overloaded
 
 logger = logging.getLogger(__name__)
@@ -124,7 +124,7 @@ class Batcher:
         self._on_batch = on_batch
         self._on_depth = on_depth
         # images admitted and not queued yet, wherever they are decoded (here, or in front-end processes)
-        self._on_its_way = on_its_way or (lambda: self._decoding)
+        self._on_its_way: Callable[[], int] = on_its_way or (lambda: self._decoding)
         self._after_batch = after_batch
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._admitted = 0  # images admitted and not yet answered (decoding, queued or running)

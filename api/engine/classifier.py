@@ -64,7 +64,9 @@ class Classifier:
         if all(item.shape[:2] == crop for item in items):
             return self.runtime.forward(np.stack(items))
         batch = resize_crop(items, self.split, self.device)
-        return self.runtime.forward(batch if self.runtime.name == "torch" else batch.cpu().numpy())
+        if self.runtime.name == "torch":  # takes the device tensor as it is
+            return self.runtime.forward(batch)  # type: ignore[arg-type]
+        return self.runtime.forward(batch.cpu().numpy())
 
     @property
     def served(self) -> Served:

@@ -50,3 +50,6 @@ class EngineFigures:
 
     def on_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def on_stage(self, stage: str, seconds: float) -> None:
+        """Per-image stages are the front-ends' figures (each image belongs to one of them)."""

@@ -228,7 +228,9 @@ class Host:
         assert ring is not None and self.engine is not None
         now = time.monotonic()
         jobs = [
-            RemoteJob(frontend, record, ring.pixels(int(record["slot"]), int(record["height"]), int(record["width"])), now)
+            RemoteJob(
+                frontend, record, ring.pixels(int(record["slot"]), int(record["height"]), int(record["width"])), now
+            )
             for record in records
         ]
         self.engine.batcher.submit(jobs)
@@ -249,11 +251,12 @@ class Host:
                 continue
             outbox, frontend.outbox = frontend.outbox, []
             records = np.zeros(len(outbox), dtype=wire.REPLY)
-            for name, column in zip(("id", "slot", "status", "size", "forward_s", "queued_s"), zip(*outbox), strict=True):
+            for name, column in zip(
+                ("id", "slot", "status", "size", "forward_s", "queued_s"), zip(*outbox, strict=True), strict=True
+            ):
                 records[name] = column
             try:
                 for chunk in wire.chunks(records):
                     wire.send(frontend.sock, wire.REPLIES, chunk)
             except OSError:
                 frontend.closed = True
-

@@ -14,6 +14,7 @@ try at once: the engine binds its socket before anything else, so the extra ones
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import functools
 import itertools
@@ -39,8 +40,16 @@ import numpy as np
 
 from api.config import BatchingSettings, ModelSettings
 from api.engine import wire
-from api.engine.pipeline import BatchRun, Classification, Classified, ImageDescription, Outcome, Served, Ticket
-from api.engine.pipeline import prepare_upload
+from api.engine.pipeline import (
+    BatchRun,
+    Classification,
+    Classified,
+    ImageDescription,
+    Outcome,
+    Served,
+    Ticket,
+    prepare_upload,
+)
 from api.engine.recipe import Recipe
 from api.errors import GatewayTimeout, Overloaded, RequestError, ServiceUnavailable, StartupError
 
@@ -353,10 +362,8 @@ class EngineLink:
     def close(self) -> None:
         """Leave the engine (it ends once no front-end is connected) and stop the decode pool."""
         if not self.lost.is_set():
-            try:
+            with contextlib.suppress(RuntimeError):  # no running loop: closed from a thread
                 asyncio.get_running_loop().remove_reader(self.sock)
-            except RuntimeError:  # no running loop: closed from a thread
-                pass
             self.sock.close()
             self.lost.set()
         self._decoder.shutdown(wait=True)

@@ -8,7 +8,7 @@ normalisation run once per batch in the runtime. `decode_image` and friends live
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from PIL import Image
@@ -29,8 +29,6 @@ from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe  # noqa: F401 (re-expor
 from api.errors import ConfigError
 
 
-
-
 def _recipe(steps: list[Any], mean: tuple[float, ...], std: tuple[float, ...]) -> Recipe | None:
     if len(steps) != 2 or not isinstance(steps[1], CenterCrop | CenterCropOrPad):
         return None
@@ -43,12 +41,20 @@ def _recipe(steps: list[Any], mean: tuple[float, ...], std: tuple[float, ...]) -
     fill_rgb = tuple(int(v) for v in fill) if isinstance(fill, list | tuple) else (int(fill),) * 3
     if isinstance(resize, ResizeKeepRatio):
         return Recipe(
-            "keep_ratio", tuple(int(v) for v in resize.size), crop_size, resample, mean, std,
-            longest=float(resize.longest), fill=fill_rgb,
+            "keep_ratio",
+            tuple(int(v) for v in resize.size),
+            crop_size,
+            resample,
+            mean,
+            std,
+            longest=float(resize.longest),
+            fill=fill_rgb,
         )
     size = [resize.size] if isinstance(resize.size, int) else list(resize.size)
-    mode = "short" if len(size) == 1 else "exact"
-    return Recipe(mode, tuple(int(v) for v in size), crop_size, resample, mean, std, max_size=resize.max_size, fill=fill_rgb)
+    mode: Literal["short", "exact"] = "short" if len(size) == 1 else "exact"
+    return Recipe(
+        mode, tuple(int(v) for v in size), crop_size, resample, mean, std, max_size=resize.max_size, fill=fill_rgb
+    )
 
 
 def split_transform(transform: Callable[[Image.Image], torch.Tensor]) -> Recipe | None:

@@ -91,8 +91,10 @@ class Recipe:
         if left >= 0 and top >= 0 and right <= image.width and bottom <= image.height:
             return image.crop(box)
         canvas = Image.new(image.mode, self.crop[::-1], self.fill[: len(image.getbands())])
-        canvas.paste(image.crop((max(left, 0), max(top, 0), min(right, image.width), min(bottom, image.height))),
-                     (max(-left, 0), max(-top, 0)))
+        canvas.paste(
+            image.crop((max(left, 0), max(top, 0), min(right, image.width), min(bottom, image.height))),
+            (max(-left, 0), max(-top, 0)),
+        )
         return canvas
 
     def pixels(self, image: Image.Image) -> np.ndarray:
@@ -107,4 +109,5 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Recipe:
         tuples = ("size", "crop", "mean", "std", "fill")
-        return cls(**{k: tuple(v) if k in tuples else v for k, v in data.items()})
+        values: dict[str, Any] = {k: tuple(v) if k in tuples else v for k, v in data.items()}
+        return cls(**values)

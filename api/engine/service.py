@@ -19,7 +19,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -27,11 +26,11 @@ import torch
 
 from api.config import BatchingSettings, ModelSettings
 from api.engine.batching import Batcher
-from api.engine.pipeline import Classification, Classified, ImageDescription, Outcome, Ticket, prepare_upload
 from api.engine.classifier import Classifier
 from api.engine.cpu import CpuBudget, cpu_budget
 from api.engine.loader import load_classifier
 from api.engine.memory import cap_arenas, keep_freed_memory, release_free_memory
+from api.engine.pipeline import Classification, Classified, ImageDescription, Outcome, Ticket, prepare_upload
 from api.errors import RequestError
 
 logger = logging.getLogger(__name__)

@@ -21,8 +21,8 @@ import json
 import mmap
 import os
 import socket
-from contextlib import contextmanager
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,12 +40,27 @@ REPLIES = b"R"  # engine -> front-end: REPLY records
 METRICS = b"M"  # front-end -> engine: asks; engine -> front-end: its Prometheus exposition
 
 REQUEST = np.dtype(
-    [("id", "<u8"), ("slot", "<u4"), ("height", "<u2"), ("width", "<u2"), ("deadline", "<f8"), ("resize", "u1"),
-     ("_", "V7")]
+    [
+        ("id", "<u8"),
+        ("slot", "<u4"),
+        ("height", "<u2"),
+        ("width", "<u2"),
+        ("deadline", "<f8"),
+        ("resize", "u1"),
+        ("_", "V7"),
+    ]
 )
 REPLY = np.dtype(
-    [("id", "<u8"), ("slot", "<u4"), ("status", "u1"), ("_", "V1"), ("size", "<u2"), ("forward_s", "<f4"),
-     ("queued_s", "<f4"), ("__", "V8")]
+    [
+        ("id", "<u8"),
+        ("slot", "<u4"),
+        ("status", "u1"),
+        ("_", "V1"),
+        ("size", "<u2"),
+        ("forward_s", "<f4"),
+        ("queued_s", "<f4"),
+        ("__", "V8"),
+    ]
 )
 OK, DROPPED, FAILED = 0, 1, 2
 ABANDONED = 1  # a ring slot's state byte: its front-end gave up waiting; the engine skips it

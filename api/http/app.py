@@ -127,8 +127,8 @@ class Owner:
 
 
 def _owner(settings: Settings) -> Owner:
-    from api.engine.link import EngineConfig, EngineSpawner, engine_group
     from api.engine import wire
+    from api.engine.link import EngineConfig, EngineSpawner, engine_group
 
     group, shared = engine_group()
     batching = dataclasses.replace(settings.batching_group, workers=1)  # the engine has the CPUs to itself

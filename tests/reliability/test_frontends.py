@@ -35,8 +35,13 @@ def engines(server: ServerProcess) -> list[int]:
 
 
 def frontends(server: ServerProcess) -> list[int]:
-    return [pid for pid in server.children() if "multiprocessing.spawn" in _cmdline(pid) and "spawn_main" in _cmdline(pid)
-            and "resource_tracker" not in _cmdline(pid)]
+    return [
+        pid
+        for pid in server.children()
+        if "multiprocessing.spawn" in _cmdline(pid)
+        and "spawn_main" in _cmdline(pid)
+        and "resource_tracker" not in _cmdline(pid)
+    ]
 
 
 def _maps(pid: int) -> str:
@@ -48,8 +53,11 @@ def server(tiny_checkpoint: Path, tmp_path: Path) -> Iterator[ServerProcess]:
     env = {"API_CHECKPOINT_PATH": tiny_checkpoint, "API_MODEL_NAME": "test_resnet", "API_MAX_QUEUE": 2}
     with served_process(UVICORN_WORKERS, tmp_path, **env) as started:
         eventually(lambda: len(frontends(started)) == 2 and len(engines(started)) == 1, what="2 front-ends, 1 engine")
-        eventually(lambda: sum(r.get("event") == "ready" for r in started.records()) == 2, timeout_s=60,
-                   what="both front-ends ready")
+        eventually(
+            lambda: sum(r.get("event") == "ready" for r in started.records()) == 2,
+            timeout_s=60,
+            what="both front-ends ready",
+        )
         yield started
 
 
@@ -75,7 +83,8 @@ def _hold(server: ServerProcess) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", server.port))
     sock.sendall(
         f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: 100000\r\n\r\n".encode()
-        + b"\xff\xd8\xff" + b"\0" * 1000
+        + b"\xff\xd8\xff"
+        + b"\0" * 1000
     )
     return sock
 
@@ -103,8 +112,11 @@ def test_a_dead_engine_means_503_at_once_then_ready_again(server: ServerProcess,
         statuses.append(httpx.get(server.url + "/health", timeout=5).status_code)
     assert statuses[-1] == 503 or engines(server) != [engine]
     eventually(lambda: bool(engines(server)) and engines(server) != [engine], timeout_s=30, what="a new engine")
-    eventually(lambda: all(httpx.get(server.url + "/health").status_code == 200 for _ in range(6)), timeout_s=60,
-               what="ready again")
+    eventually(
+        lambda: all(httpx.get(server.url + "/health").status_code == 200 for _ in range(6)),
+        timeout_s=60,
+        what="ready again",
+    )
     back = time.monotonic() - killed
     print(f"\nengine killed: 503 answered, a new engine ready after {back:.1f}s")
     assert {_predict(server, chelsea_jpeg).status_code for _ in range(8)} == {200}
@@ -124,7 +136,10 @@ def test_metrics_hold_the_engine_figures_once(server: ServerProcess, chelsea_jpe
 def test_sigterm_answers_in_flight_work_and_stops_the_engine_last(server: ServerProcess, chelsea_jpeg: bytes) -> None:
     (engine,) = engines(server)
     sock = socket.create_connection(("127.0.0.1", server.port))
-    sock.sendall(f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(chelsea_jpeg)}\r\n\r\n".encode() + chelsea_jpeg[:100])
+    sock.sendall(
+        f"POST {PREDICT} HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {len(chelsea_jpeg)}\r\n\r\n".encode()
+        + chelsea_jpeg[:100]
+    )
     eventually(lambda: server.metrics().get("cat_breeds_api_queue_depth") == 1.0, what="admitted")
     server.process.send_signal(signal.SIGTERM)
     time.sleep(0.2)  # let the signal land before the rest of the body (no readiness to poll on a draining socket)
@@ -133,5 +148,8 @@ def test_sigterm_answers_in_flight_work_and_stops_the_engine_last(server: Server
     assert answer.startswith("HTTP/1.1 200"), answer[:300]
     sock.close()
     assert server.process.wait(timeout=60) == 0
-    eventually(lambda: not Path(f"/proc/{engine}").exists() or "zombie" in Path(f"/proc/{engine}/status").read_text().lower(),
-               timeout_s=30, what="the engine ended")
+    eventually(
+        lambda: not Path(f"/proc/{engine}").exists() or "zombie" in Path(f"/proc/{engine}/status").read_text().lower(),
+        timeout_s=30,
+        what="the engine ended",
+    )
