@@ -86,10 +86,17 @@ def four_class_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny_server(tiny_checkpoint: Path) -> Iterator[str]:
-    """A real server for a tiny 5-class model, shared by a test module."""
-    with running_server(
-        make_settings(checkpoint_path=tiny_checkpoint, model_name="test_resnet", max_upload_mb=1, max_batch_files=4)
-    ) as url:
+    """A real server for a tiny 5-class model, shared by a test module. PyTorch fp32, as the direct
+    calls it is compared with (auto would time the runtimes and might pick OpenVINO, 1e-4 apart)."""
+    settings = make_settings(
+        checkpoint_path=tiny_checkpoint,
+        model_name="test_resnet",
+        max_upload_mb=1,
+        max_batch_files=4,
+        runtime="torch",
+        precision="fp32",
+    )
+    with running_server(settings) as url:
         yield url
 
 

@@ -38,3 +38,15 @@ def test_the_http_side_imports_no_server_runner() -> None:
     loaded = _imported_after(["api.http.app"])
     assert "fastapi" in loaded  # the check saw the app
     assert "api.ops" not in loaded and "gunicorn" not in loaded
+
+
+def test_the_front_end_imports_no_torch() -> None:
+    """What a front-end process imports (the app, its routes, the link to the engine) pulls in no
+    torch, timm, torchvision or OpenVINO: only the engine process loads them."""
+    code = (
+        "import sys, api.main, api.http.app, api.engine.link, api.ops.server, api.ops.engine; "
+        "api.main.create_app(api.main.get_settings()); "
+        "print(sorted(m for m in ('torch', 'timm', 'torchvision', 'openvino') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
