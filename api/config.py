@@ -104,8 +104,8 @@ class Settings(BaseSettings):
         default_factory=lambda: default_frontends(),
         ge=1,
         validation_alias=AliasChoices("WEB_CONCURRENCY", "API_WORKERS"),
-        description="HTTP front-end (worker) processes (Gunicorn's WEB_CONCURRENCY); unset: the CPUs less 2 on "
-        "a GPU host, 1 on a CPU host.",
+        description="HTTP front-end (worker) processes (Gunicorn's WEB_CONCURRENCY); unset or 0: the CPUs less "
+        "2 on a GPU host, 1 on a CPU host.",
     )
     inference: Literal["process", "inprocess"] = Field(
         "process",
@@ -178,8 +178,11 @@ class Settings(BaseSettings):
     @field_validator("workers", mode="before")
     @classmethod
     def _default_workers(cls, value: Any) -> Any:
-        # WEB_CONCURRENCY= (blank, as the production Compose file passes it when unset): the default
-        return default_frontends() if isinstance(value, str) and not value.strip() else value
+        # WEB_CONCURRENCY blank or 0 (the production Compose file passes 0 when unset; Gunicorn and
+        # uvicorn parse it themselves, so it must be an integer): the default
+        if value is None or (isinstance(value, str) and not value.strip()) or str(value).strip() == "0":
+            return default_frontends()
+        return value
 
     @field_validator("device")
     @classmethod

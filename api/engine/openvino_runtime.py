@@ -96,7 +96,9 @@ def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> 
     )
     effective = "bf16" if "bf16" in str(compiled.get_property("INFERENCE_PRECISION_HINT")) else "fp32"
     if effective != precision:
-        logger.warning("OpenVINO computes in %s here: this CPU has no %s hardware", effective, precision)
+        logger.warning(
+            "OpenVINO computes in %s here, not %s: its CPU plugin uses bf16 only with AMX", effective, precision
+        )
     return OpenVINORuntime(compiled, compiled.create_infer_request(), head, effective, threads)
 
 

@@ -192,6 +192,11 @@ def test_8_prod_gunicorn_workers_serve(make_stack: Callable[..., Stack], chelsea
             "print(sum(any(a.endswith(b'/gunicorn') for a in v[:2]) for v in argv))",
         ).stdout  # fmt: skip
         assert int(processes) == 3  # the master and WEB_CONCURRENCY=2 workers
+        engines = prod.exec(
+            "python3", "-c",
+            "import os\nprint(sum(b'api.ops.engine' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))",
+        ).stdout  # fmt: skip
+        assert int(engines) == 1  # one engine process holds the model for both workers
         logging = prod.inspect()["HostConfig"]["LogConfig"]
         assert logging["Type"] == "json-file" and logging["Config"]["max-size"] == "10m"
         assert not prod.inspect()["Name"].endswith("/cat-breeds-api")  # no fixed name: replicas can coexist

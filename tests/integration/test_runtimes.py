@@ -16,8 +16,12 @@ import torch
 from PIL import Image
 
 from api.engine.classifier import Classifier
-from api.engine.runtime import cpu_has_bf16
+from api.engine.runtime import cpu_flags
 from tests.helpers import load_model, scores_of
+
+# OpenVINO's CPU plugin computes bf16 only with AMX; on AVX512-BF16 alone it runs f32 whatever the
+# hint (seen on an AMD EPYC with AVX512-BF16), and says so when asked (the runtime reads it back).
+OPENVINO_BF16 = "amx_bf16" in cpu_flags()
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "cat", "rocket", "camera", "immunohistochemistry", "retina"]
 
@@ -47,7 +51,7 @@ def test_each_runtime_ranks_real_photos_as_pytorch_fp32(
 ) -> None:
     classifier = load_model(demo_dir, runtime=runtime, precision=precision)
     # OpenVINO says what it really computes in: f32 on a CPU without bf16 hardware
-    effective = "fp32" if runtime == "openvino" and not cpu_has_bf16() else precision
+    effective = "fp32" if runtime == "openvino" and not OPENVINO_BF16 else precision
     assert classifier.describe()["runtime"] == runtime and classifier.describe()["precision"] == effective
     scores = scores_of(classifier, *photos)
     assert scores.argmax(-1).tolist() == reference.argmax(-1).tolist()
@@ -58,7 +62,7 @@ def test_each_runtime_ranks_real_photos_as_pytorch_fp32(
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(demo_dir: Path) -> None:
     classifier = load_model(demo_dir, runtime="openvino", precision="auto")
-    assert classifier.describe()["precision"] == ("bf16" if cpu_has_bf16() else "fp32")
+    assert classifier.describe()["precision"] == ("bf16" if OPENVINO_BF16 else "fp32")
     multi = load_model(demo_dir, runtime="openvino", precision="auto", multi_label=True)
     assert multi.describe()["precision"] == "fp32"  # a threshold turns a few percent into another answer
 
@@ -71,7 +75,9 @@ def test_architectures_agree_on_top1_under_openvino(architecture: str, tmp_path:
     torch.save({"architecture": architecture, "state_dict": model.state_dict()}, path)
     del model
     torch_fp32 = load_model(path, runtime="torch", precision="fp32")
-    openvino = load_model(path, runtime="openvino", precision="auto")
+    # fp32: random weights on random pixels leave near-ties that bf16 rounding flips (1 in 40 on an
+    # AVX512-BF16 host); bf16 is held to PyTorch fp32 on real weights and photos, above
+    openvino = load_model(path, runtime="openvino", precision="fp32")
     _, height, width = torch_fp32.input_size
     rng = np.random.default_rng(1)
     agree = total = 0

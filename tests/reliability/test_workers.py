@@ -23,6 +23,11 @@ GUNICORN = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.
 PREDICT = "/api/v1/predict"
 
 
+def _workers(server: ServerProcess) -> list[int]:
+    """Gunicorn's workers: the master's own children (the engine process is a worker's child)."""
+    return [int(p) for p in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()]
+
+
 def _samples(server: ServerProcess) -> dict[str, float]:
     return server.metrics()
 
@@ -79,16 +84,16 @@ def test_metrics_count_every_worker(two_workers: ServerProcess, chelsea_jpeg: by
 
 
 def test_killed_worker_is_replaced_and_nothing_hangs(two_workers: ServerProcess, chelsea_jpeg: bytes) -> None:
-    victim, *others = two_workers.children()
+    victim, *others = _workers(two_workers)
     survivors = set(others)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         load = pool.submit(_predict_many, two_workers.url, chelsea_jpeg, 120)
         eventually(lambda: bool(_served_by(two_workers)), what="load started")
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
-        eventually(lambda: victim not in two_workers.children(), what="the killed worker reaped")
-        eventually(lambda: len(two_workers.children()) == 2, timeout_s=30, what="a replacement worker forked")
-        (new,) = set(two_workers.children()) - survivors
+        eventually(lambda: victim not in _workers(two_workers), what="the killed worker reaped")
+        eventually(lambda: len(_workers(two_workers)) == 2, timeout_s=30, what="a replacement worker forked")
+        (new,) = set(_workers(two_workers)) - survivors
         eventually(lambda: new in _ready_pids(two_workers), timeout_s=60, what="the replacement's model ready")
         replaced_s = time.monotonic() - killed
         statuses = load.result(timeout=120)  # every request ended: an answer or a fast error
