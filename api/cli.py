@@ -133,7 +133,8 @@ def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar
     reduced-scale decoding, runtime, batching and ranking, so a file scores as the server scores it."""
     import asyncio
 
-    from api.engine.service import Classified, Engine
+    from api.engine.pipeline import Classified
+    from api.engine.service import Engine
 
     try:
         engine = Engine.start(settings.model_group, settings.batching_group)

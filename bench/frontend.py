@@ -31,7 +31,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from tests.support import BIN, ServerProcess, process_tree, scrape
+from tests.support import BIN, ServerProcess, cmdline, engine_pids, parse_metrics, process_tree, scrape
 
 TICK = os.sysconf("SC_CLK_TCK")
 IMAGES = {"451x300": (451, 300), "1600x1066": (1600, 1066)}
@@ -45,13 +45,6 @@ TARGETS = {  # the issue's, for the report
 def cpu_s(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
 
 
 def write_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
@@ -131,22 +124,10 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
     run(1.0)  # warm-up
     images, elapsed, cpu = run(seconds)
     wire.send(sock, wire.METRICS)
-    text = wire.receive(sock)[0][1:].decode()
-    forward_s = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("cat_breeds_api_inference_duration_seconds_sum")
-    )
-    batches = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("cat_breeds_api_inference_batch_size_count")
-    )
-    total = sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith("cat_breeds_api_inference_batch_size_sum")
-    )
+    figures = parse_metrics(wire.receive(sock)[0][1:].decode())
+    forward_s = figures["cat_breeds_api_inference_duration_seconds_sum"]
+    batches = figures["cat_breeds_api_inference_batch_size_count"]
+    total = figures["cat_breeds_api_inference_batch_size_sum"]
     sock.close()
     spawner.wait(30)
     return {
@@ -190,10 +171,8 @@ def load(
         server.url + "/api/v1/predict",
     ]
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
-    wrk_pid = process.pid
-    out, _ = process.communicate()
-    return subprocess.CompletedProcess(command, process.returncode, out), time.perf_counter() - started + 0 * wrk_pid
+    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
+    return done, time.perf_counter() - started
 
 
 def serve_and_measure(
@@ -212,7 +191,7 @@ def serve_and_measure(
         load(server, script, 2, connections)  # warm-up
         tree = process_tree(server.pid)[1:]
         # the engine serving (a front-end that lost the race to start one leaves a short-lived extra)
-        engine = max((p for p in tree if "api.ops.engine" in cmdline(p)), key=cpu_s)
+        engine = max(engine_pids(server.pid), key=cpu_s)
         workers = [p for p in tree if "gunicorn" in cmdline(p) and "api.ops.engine" not in cmdline(p)]
         assert len(workers) == frontends, (workers, frontends)
         before = scrape(server.url)

@@ -63,6 +63,15 @@ def load_model(checkpoint: Path, **values: object) -> Classifier:
     return load_classifier(ModelSettings(checkpoint_path=checkpoint, **values))  # type: ignore[arg-type]
 
 
+def architecture_checkpoint(architecture: str, folder: Path, num_classes: int = 67) -> Path:
+    """A timm `architecture` with random weights (seed 0), saved as a training run would save it."""
+    torch.manual_seed(0)
+    model = timm.create_model(architecture, pretrained=False, num_classes=num_classes).eval()
+    path = folder / "best_model.pt"
+    torch.save({"architecture": architecture, "state_dict": model.state_dict()}, path)
+    return path
+
+
 def scores_of(classifier: Classifier, *images: Image.Image) -> torch.Tensor:
     """The serving path's scores for RGB images: prepare each (the decode pool's half), then forward."""
     return classifier.forward([classifier.prepare(image) for image in images])

@@ -72,6 +72,19 @@ def rss_mb(pid: int | str = "self") -> float:
     return status_kb("VmRSS", pid) / 1024
 
 
+def cmdline(pid: int) -> str:
+    """A process's command line, spaces between the arguments ("" once it has gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def engine_pids(pid: int) -> list[int]:
+    """The engine processes (`python -m api.ops.engine`) among `pid`'s descendants."""
+    return [p for p in process_tree(pid)[1:] if "api.ops.engine" in cmdline(p)]
+
+
 def process_tree(pid: int) -> list[int]:
     """`pid` and its descendants (a Gunicorn master and its workers)."""
     try:

@@ -43,11 +43,10 @@ from api.engine import wire
 from api.engine.pipeline import (
     BatchRun,
     Classification,
-    Classified,
     ImageDescription,
-    Outcome,
     Served,
     Ticket,
+    outcomes_in_order,
     prepare_upload,
 )
 from api.engine.recipe import Recipe
@@ -258,17 +257,8 @@ class EngineLink:
             raise GatewayTimeout(
                 f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})"
             ) from None
-        outcomes: list[Outcome] = []
-        answered = iter(answers)
-        for item in prepared:
-            if isinstance(item, RequestError):
-                outcomes.append(item)
-                continue
-            scores, run = next(answered)
-            self._observer.on_stage("queue", run.queued_s)
-            self._observer.on_stage("forward", run.forward_s)
-            outcomes.append(Classified(self.served.rank(scores, top_k), scores, item[0], run))
-        return Classification(outcomes, prepared_at)
+        infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
+        return Classification(outcomes_in_order(infos, answers, self.served, self._observer, top_k), prepared_at)
 
     def _write(self, data: bytes, slot: int) -> tuple[ImageDescription, int, int, int, int]:
         info, pixels, needs_resize = prepare_upload(

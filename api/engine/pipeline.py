@@ -70,6 +70,32 @@ class Classification:
         return [o.run for o in self.outcomes if isinstance(o, Classified)]
 
 
+class StageObserver(Protocol):
+    def on_stage(self, stage: str, seconds: float) -> None: ...
+
+
+def outcomes_in_order(
+    prepared: Sequence[ImageDescription | RequestError],
+    answers: Sequence[tuple[np.ndarray, BatchRun]],
+    served: Served,
+    observer: StageObserver,
+    top_k: int,
+) -> list[Outcome]:
+    """Each upload's outcome, in upload order: its decode error, or its labels from the next answer
+    (`answers` holds one per image that decoded, in order). Observes each image's queue and forward."""
+    answered = iter(answers)
+    outcomes: list[Outcome] = []
+    for item in prepared:
+        if isinstance(item, RequestError):
+            outcomes.append(item)
+            continue
+        scores, run = next(answered)
+        observer.on_stage("queue", run.queued_s)
+        observer.on_stage("forward", run.forward_s)
+        outcomes.append(Classified(served.rank(scores, top_k), scores, item, run))
+    return outcomes
+
+
 @dataclass(frozen=True)
 class Served:
     """What is being served, as the answers name it."""

@@ -30,7 +30,14 @@ from api.engine.classifier import Classifier
 from api.engine.cpu import CpuBudget, cpu_budget
 from api.engine.loader import load_classifier
 from api.engine.memory import cap_arenas, keep_freed_memory, release_free_memory
-from api.engine.pipeline import Classification, Classified, ImageDescription, Outcome, Ticket, prepare_upload
+from api.engine.pipeline import (
+    BatchRun,
+    Classification,
+    ImageDescription,
+    Ticket,
+    outcomes_in_order,
+    prepare_upload,
+)
 from api.errors import RequestError
 
 logger = logging.getLogger(__name__)
@@ -152,17 +159,13 @@ class Engine:
         deadline (504) concerns them all and is raised."""
         prepared = await asyncio.gather(*(self._prepare(data) for data in uploads))
         prepared_at = time.perf_counter()
-        good = [(row, item) for row, item in enumerate(prepared) if not isinstance(item, RequestError)]
-        outcomes: list[Outcome | None] = [item if isinstance(item, RequestError) else None for item in prepared]
+        good = [item[1] for item in prepared if not isinstance(item, RequestError)]
+        answers: list[tuple[np.ndarray, BatchRun]] = []
         if good:
-            scores, runs = await self.batcher.predict(ticket, [pixels for _, (_, pixels) in good], deadline=deadline)
-            for place, (row, (info, _)) in enumerate(good):
-                run = runs[place]
-                self._observer.on_stage("queue", run.queued_s)
-                self._observer.on_stage("forward", run.forward_s)
-                labels = self.served.rank(scores[place], top_k)
-                outcomes[row] = Classified(labels, scores[place], info, run)
-        return Classification([outcome for outcome in outcomes if outcome is not None], prepared_at)
+            scores, runs = await self.batcher.predict(ticket, good, deadline=deadline)
+            answers = list(zip(scores, runs, strict=True))
+        infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
+        return Classification(outcomes_in_order(infos, answers, self.served, self._observer, top_k), prepared_at)
 
     async def classify_all(
         self, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import skimage.data
-import timm
 import torch
 from PIL import Image
 
 from api.engine.device_resize import resize_crop
-from tests.helpers import load_model
+from tests.helpers import architecture_checkpoint, load_model
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "cat", "rocket", "immunohistochemistry", "retina", "hubble_deep_field"]
 SCALES = (0.5, 0.8, 1.0, 1.3)  # below, at and above the resize target, as reduced-scale decoding leaves them
@@ -63,11 +62,7 @@ def test_real_weights_agree(demo_dir: Path) -> None:
 
 @pytest.mark.parametrize("architecture", ["resnet50", "efficientnet_b3", "convnext_base"])
 def test_architectures_agree(architecture: str, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model(architecture, pretrained=False, num_classes=67).eval()
-    path = tmp_path / "best_model.pt"
-    torch.save({"architecture": architecture, "state_dict": model.state_dict()}, path)
-    del model
+    path = architecture_checkpoint(architecture, tmp_path)
     top1, worst = _agreement(path)
     print(f"\n{architecture}: top-1 agreement {top1:.3f}, max |dp| {worst:.4f}")
     assert top1 >= 0.995 and worst <= 0.02

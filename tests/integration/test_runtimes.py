@@ -17,7 +17,7 @@ from PIL import Image
 
 from api.engine.classifier import Classifier
 from api.engine.runtime import cpu_flags
-from tests.helpers import load_model, scores_of
+from tests.helpers import architecture_checkpoint, load_model, scores_of
 
 # OpenVINO's CPU plugin computes bf16 only with AMX; on AVX512-BF16 alone it runs f32 whatever the
 # hint (seen on an AMD EPYC with AVX512-BF16), and says so when asked (the runtime reads it back).
@@ -69,11 +69,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(demo_dir: Path) -> Non
 
 @pytest.mark.parametrize("architecture", ["resnet50", "efficientnet_b3", "convnext_base"])
 def test_architectures_agree_on_top1_under_openvino(architecture: str, tmp_path: Path) -> None:
-    torch.manual_seed(0)
-    model = timm.create_model(architecture, pretrained=False, num_classes=67).eval()
-    path = tmp_path / "best_model.pt"
-    torch.save({"architecture": architecture, "state_dict": model.state_dict()}, path)
-    del model
+    path = architecture_checkpoint(architecture, tmp_path)
     torch_fp32 = load_model(path, runtime="torch", precision="fp32")
     # fp32: random weights on random pixels leave near-ties that bf16 rounding flips (1 in 40 on an
     # AVX512-BF16 host); bf16 is held to PyTorch fp32 on real weights and photos, above

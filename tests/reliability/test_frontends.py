@@ -18,29 +18,23 @@ import httpx
 import pytest
 
 from tests.helpers import BIN, ServerProcess, eventually, served_process
+from tests.support import cmdline, engine_pids
 
 PREDICT = "/api/v1/predict"
 UVICORN_WORKERS = [str(BIN / "uvicorn"), "api.main:app", "--host", "127.0.0.1", "--port", "{port}", "--workers", "2"]
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
 def engines(server: ServerProcess) -> list[int]:
-    return [pid for pid in server.children() if "api.ops.engine" in _cmdline(pid)]
+    return engine_pids(server.pid)
 
 
 def frontends(server: ServerProcess) -> list[int]:
     return [
         pid
         for pid in server.children()
-        if "multiprocessing.spawn" in _cmdline(pid)
-        and "spawn_main" in _cmdline(pid)
-        and "resource_tracker" not in _cmdline(pid)
+        if "multiprocessing.spawn" in cmdline(pid)
+        and "spawn_main" in cmdline(pid)
+        and "resource_tracker" not in cmdline(pid)
     ]
 
 

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from tests.helpers import BIN, ServerProcess, eventually, served_process
+from tests.support import engine_pids
 
 GUNICORN = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
 PREDICT = "/api/v1/predict"
@@ -149,7 +150,7 @@ def test_each_record_is_written_once(two_workers: ServerProcess, chelsea_jpeg: b
 def test_only_the_engine_loads_torch(two_workers: ServerProcess) -> None:
     """Gunicorn's master and its workers (the front-ends) never load torch: one engine process does."""
     tree = two_workers.children()
-    engines = [pid for pid in tree if b"api.ops.engine" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    engines = engine_pids(two_workers.pid)
     assert len(engines) == 1 and "libtorch" in Path(f"/proc/{engines[0]}/maps").read_text()  # the check sees it
     for pid in [two_workers.pid, *(p for p in tree if p not in engines)]:
         assert "libtorch" not in Path(f"/proc/{pid}/maps").read_text(), pid
