@@ -270,6 +270,39 @@ def cmd_load(args: argparse.Namespace) -> None:
         raise SystemExit(1)
 
 
+# --- reload (swap the model without downtime) ------------------------------------------------------
+
+
+def cmd_reload(args: argparse.Namespace) -> None:
+    """POST /v2/repository/models/<name>/load: the server loads the checkpoint beside the served model
+    and switches to it; this answers once it has (or says why not: the old model keeps serving)."""
+    settings = _settings()
+    key = args.admin_key
+    if key is None and settings.admin_key is not None:
+        key = settings.admin_key.get_secret_value()
+    if not key:
+        _fail("reload needs the server's admin key: set API_ADMIN_KEY (environment or .env) or pass --admin-key")
+    name = args.model or settings.served_model_name
+    endpoint = f"{args.url.rstrip('/')}/v2/repository/models/{name}/load"
+    body = {"parameters": {"checkpoint": str(args.checkpoint)}} if args.checkpoint else {}
+    try:
+        response = httpx.post(endpoint, json=body, headers={"X-API-Key": key}, timeout=args.timeout)
+    except httpx.HTTPError as error:
+        _fail(f"cannot reach {endpoint}: {error}", code=1)
+    try:
+        answer = response.json()
+    except ValueError:
+        answer = {"error": response.text[:200]}
+    if response.status_code == 404 and "error" in answer and "unknown model" not in str(answer["error"]):
+        _fail(f"{endpoint}: not found; is API_ADMIN_KEY set on the server? (the route is off without it)", code=1)
+    if response.status_code != 200:
+        _fail(f"reload refused ({response.status_code}): {answer.get('error', answer)}", code=1)
+    sys.stdout.write(
+        f"serving {name} version {answer['version']} (was {answer['previous_version']}) from {answer['checkpoint']}: "
+        f"loaded in {answer['load_s']:.2f}s, every front-end switched in {answer['switch_s'] * 1000:.1f} ms\n"
+    )
+
+
 def _add_key_argument(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--api-key",
@@ -312,6 +345,21 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--timeout", type=float, default=60.0, help="per-request timeout in seconds (default 60)")
     _add_key_argument(load)
     load.set_defaults(func=cmd_load)
+
+    reload = commands.add_parser(
+        "reload", help="swap the running server's model without downtime (needs API_ADMIN_KEY on both sides)"
+    )
+    reload.add_argument(
+        "checkpoint",
+        nargs="?",
+        type=Path,
+        help="checkpoint to load, as the server sees it (default: its configured one)",
+    )
+    reload.add_argument("--url", default="http://127.0.0.1:8000", help="the service (default http://127.0.0.1:8000)")
+    reload.add_argument("--model", help="the served model's name (default API_SERVED_MODEL_NAME, cat-breeds)")
+    reload.add_argument("--admin-key", help="the server's admin key (default API_ADMIN_KEY; prefer that)")
+    reload.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for the swap (default 600)")
+    reload.set_defaults(func=cmd_reload)
 
     demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")
     demo.add_argument("--output", type=Path, default=Path("models/demo"), help="folder to write (models/demo)")

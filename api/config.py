@@ -139,6 +139,16 @@ class Settings(BaseSettings):
     api_key_file: Path | None = Field(
         None, description="Read the API key from this file (a mounted Kubernetes/Docker secret) instead."
     )
+    admin_key: SecretStr | None = Field(
+        None,
+        description="When set, POST /v2/repository/models/{name}/load and `cat-breeds-api reload` swap the model "
+        "with it (X-API-Key or Authorization: Bearer); unset: those routes are off.",
+    )
+    served_model_name: str = Field(
+        "cat-breeds",
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$",
+        description="The model's name on the Open Inference Protocol routes (/v2/models/<name>), stable across swaps.",
+    )
     web_ui: bool = Field(True, description="Serve the try-it page at / (false for headless deployments).")
     cors_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
@@ -214,6 +224,7 @@ class Settings(BaseSettings):
         "num_threads",
         "api_key",
         "api_key_file",
+        "admin_key",
         "cache_dir",
         mode="before",
     )
@@ -320,6 +331,8 @@ class HttpSettings:
     """The HTTP group: passed to the app factory; the routes read it."""
 
     api_key: SecretStr | None = None
+    admin_key: SecretStr | None = None
+    served_model_name: str = "cat-breeds"
     web_ui: bool = True
     cors_origins: tuple[str, ...] = ()
     top_k: int = 5

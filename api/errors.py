@@ -10,11 +10,15 @@
     │       └── CheckpointMismatch   weights, architecture, classes or labels disagree
     └── RequestError                 answered as {"error": {"code", "message"}} with `status`
         ├── InvalidImage             400 invalid_image / empty_file / invalid_base64 / invalid_json
-        ├── Unauthorized             401 unauthorized: API key missing or wrong (API_API_KEY)
+        ├── InvalidRequest           400 invalid_request: a malformed v2 infer body
+        ├── Unauthorized             401 unauthorized: API key missing or wrong (API_API_KEY, API_ADMIN_KEY)
         ├── PayloadTooLarge          413 payload_too_large
         ├── ImageTooLarge            413 image_too_large (pixel limit, checked before decoding)
         ├── UnsupportedMediaType     415 unsupported_media_type
         ├── MissingFile              422 missing_file
+        ├── NotFound                 404 not_found: no such model or version (the v2 routes)
+        ├── ModelLoadRefused         400 model_load_failed / 409 model_load_busy: the served model stays
+        ├── NotImplementedHere       501 not_implemented
         ├── ServiceUnavailable       503 not_ready (with Retry-After)
         │   └── Overloaded           503 overloaded: the queue is full (with Retry-After)
         └── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
@@ -77,6 +81,11 @@ class InvalidImage(RequestError):
     code = "invalid_image"
 
 
+class InvalidRequest(RequestError):
+    status = 400
+    code = "invalid_request"
+
+
 class Unauthorized(RequestError):
     status = 401
     code = "unauthorized"
@@ -103,6 +112,26 @@ class UnsupportedMediaType(RequestError):
 class MissingFile(RequestError):
     status = 422
     code = "missing_file"
+
+
+class NotFound(RequestError):
+    status = 404
+    code = "not_found"
+
+
+class ModelLoadRefused(RequestError):
+    """A model load that did not happen (the served model is untouched): busy (409) or unusable (400)."""
+
+    code = "model_load_failed"
+
+    def __init__(self, message: str, *, status: int = 400):
+        super().__init__(message, code="model_load_busy" if status == 409 else None)
+        self.status = status
+
+
+class NotImplementedHere(RequestError):
+    status = 501
+    code = "not_implemented"
 
 
 class ServiceUnavailable(RequestError):

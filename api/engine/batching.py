@@ -101,6 +101,10 @@ class _AsyncJob:
         pass
 
 
+def _nothing_on_its_way() -> int:
+    return 0
+
+
 class Batcher:
     """Owns the model's forward passes; safe to call from any number of concurrent requests."""
 
@@ -281,3 +285,8 @@ class Batcher:
         self._queue.put(None)
         if self._thread is not None:
             self._thread.join(timeout=60)
+        if self._thread is None or not self._thread.is_alive():
+            # the callbacks close over their owners: without them no reference cycle holds the model,
+            # so it is freed as soon as the last reference goes (a swap's old model, at once)
+            self._on_batch = self._after_batch = None
+            self._on_its_way = _nothing_on_its_way

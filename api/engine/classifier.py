@@ -102,6 +102,7 @@ class Classifier:
             "checkpoint_path": str(ckpt.path),
             "checkpoint_format": ckpt.format,
             "checkpoint_sha256": ckpt.sha256,
+            "version": ckpt.sha256[:12],
             "weights_key": ckpt.weights_key,
             "load_seconds": round(self.load_seconds, 3),
         }

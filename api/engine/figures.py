@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
+from api.engine.pipeline import Served
+
 PREFIX = "cat_breeds_api"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -41,6 +43,19 @@ class EngineFigures:
             registry=registry,
             multiprocess_mode="livesum",
         )
+
+        self.model = Gauge(
+            f"{PREFIX}_model_info",
+            "The model serving predictions: 1 for its version (the checkpoint's short sha256) and architecture.",
+            ["version", "architecture", "checkpoint_sha256"],
+            registry=registry,
+            multiprocess_mode="livemax",
+        )
+
+    def on_model(self, served: Served) -> None:
+        """A model started serving (at start, and after each swap): the info metric names it alone."""
+        self.model.clear()
+        self.model.labels(served.version, served.architecture, served.checkpoint_sha256).set(1)
 
     def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
         self.batch_size.observe(size)

@@ -15,6 +15,8 @@ after SIGTERM/SIGINT when the last has gone, and when the front-end that owns it
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import gc
 import json
 import logging
 import selectors
@@ -22,7 +24,9 @@ import signal
 import socket
 import threading
 import time
+import weakref
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,9 +36,11 @@ from api.config import BatchingSettings, ModelSettings
 from api.engine import wire
 from api.engine.device_resize import resize_mode
 from api.engine.figures import EngineFigures
+from api.engine.memory import release_free_memory
 from api.engine.pipeline import BatchRun
 from api.engine.service import Engine
-from api.errors import StartupError, first_line
+from api.engine.swap import checkpoint_bytes, device_room, host_room, incompatibility, resolve_checkpoint
+from api.errors import ModelLoadError, StartupError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +52,26 @@ class Frontend:
     ring: wire.Ring | None = None
     closed: bool = False
     outbox: list[tuple[int, int, int, int, float, float]] = field(default_factory=list)
+    # two inference threads (the served model and one being retired) may answer at once
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def reply(self, row: tuple[int, int, int, int, float, float]) -> None:
+        with self.lock:
+            self.outbox.append(row)
+
+
+@dataclass(eq=False)
+class Swap:
+    """A model load in progress: who asked, and which front-ends have yet to switch."""
+
+    token: int
+    requester: Frontend
+    checkpoint: str
+    started: float
+    engine: Engine | None = None
+    previous: int = 0
+    switch_started: float = 0.0
+    waiting: set[Frontend] = field(default_factory=set)
 
 
 class RemoteJob:
@@ -75,14 +101,14 @@ class RemoteJob:
         ring = self.frontend.ring
         if ring is not None and not self.frontend.closed:
             ring.scores(self.slot)[:] = scores
-            self.frontend.outbox.append((self.id, self.slot, wire.OK, run.size, run.forward_s, run.queued_s))
+            self.frontend.reply((self.id, self.slot, wire.OK, run.size, run.forward_s, run.queued_s))
 
     def fail(self, error: BaseException) -> None:
         logger.error("forward pass failed: %s", first_line(error))
-        self.frontend.outbox.append((self.id, self.slot, wire.FAILED, 0, 0.0, 0.0))
+        self.frontend.reply((self.id, self.slot, wire.FAILED, 0, 0.0, 0.0))
 
     def drop(self) -> None:
-        self.frontend.outbox.append((self.id, self.slot, wire.DROPPED, 0, 0.0, 0.0))
+        self.frontend.reply((self.id, self.slot, wire.DROPPED, 0, 0.0, 0.0))
 
 
 class Host:
@@ -97,10 +123,18 @@ class Host:
         self.figures.queue_depth.set_function(self.board.in_progress)
         self.frontends: dict[socket.socket, Frontend] = {}
         self._free = list(range(wire.MAX_FRONTENDS - 1, -1, -1))
-        self._dirty: set[Frontend] = set()
         self._stop = threading.Event()
-        self.engine: Engine | None = None
+        self.engines: dict[int, Engine] = {}  # by generation: the served model, and any still retiring
+        self.generation = 0
         self.hello: dict[str, Any] = {}
+        self.pixel_bytes = 0  # the ring slots' pixel room, fixed by the first model
+        self._swap: Swap | None = None
+        self._loaded, self._wake = socket.socketpair()  # the loading thread wakes the main thread
+        self._retiring: list[threading.Thread] = []
+
+    @property
+    def engine(self) -> Engine:
+        return self.engines[self.generation]
 
     # --- lifetime ----------------------------------------------------------------------------------
 
@@ -108,9 +142,7 @@ class Host:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         try:
-            self.engine = Engine.start(
-                self.model, self.batching, self.figures, on_its_way=self.board.on_its_way, after_batch=self._flush
-            )
+            engine = self._start(self.model)
         except StartupError as error:
             self._refuse(str(error))
             return 3
@@ -118,32 +150,52 @@ class Host:
             logger.exception("model load failed unexpectedly")
             self._refuse(f"unexpected {type(error).__name__} while loading the model: {error}")
             return 3
-        classifier = self.engine.classifier
-        ship = self._ship_decoded_bytes()
-        self.hello = {
-            "served": self.engine.served.to_dict(),
-            "describe": self.engine.describe(),
-            "recipe": classifier.split.to_dict(),
-            "reduce_to": classifier.resize_short_side if self.batching.reduced_decode else None,
-            "ship_decoded_bytes": ship,
-            # a ring slot holds the model's input, or a decoded image up to what may be shipped
-            "pixel_bytes": max(3 * classifier.input_size[1] * classifier.input_size[2], ship),
-            "max_queue": self.batching.max_queue,
-        }
-        logger.info("engine ready: %s on %s", classifier.architecture, classifier.device)
+        self.pixel_bytes = self._input_bytes(engine)
+        self._serve_model(engine, generation=1)
+        logger.info("engine ready: %s on %s", engine.classifier.architecture, engine.classifier.device)
+        del engine  # self.engines holds it: a swap releases it
         try:
             self._serve()
         finally:
-            self.engine.close()
+            for retiring in self._retiring:
+                retiring.join()
+            for served in self.engines.values():
+                served.close()
         return 0
 
-    def _ship_decoded_bytes(self) -> int:
+    def _start(self, model: ModelSettings) -> Engine:
+        return Engine.start(
+            model, self.batching, self.figures, on_its_way=self.board.on_its_way, after_batch=self._flush
+        )
+
+    def _serve_model(self, engine: Engine, generation: int) -> None:
+        """`engine` answers every job tagged `generation` from now on; new front-ends get it."""
+        classifier = engine.classifier
+        self.engines[generation] = engine
+        self.generation = generation
+        self.hello = {
+            "generation": generation,
+            "served": engine.served.to_dict(),
+            "describe": engine.describe(),
+            "recipe": classifier.split.to_dict(),
+            "reduce_to": classifier.resize_short_side if self.batching.reduced_decode else None,
+            "ship_decoded_bytes": self._ship_decoded_bytes(engine),
+            "pixel_bytes": self.pixel_bytes,
+            "max_queue": self.batching.max_queue,
+        }
+        self.figures.on_model(engine.served)
+
+    def _input_bytes(self, engine: Engine) -> int:
+        """A ring slot holds the model's input, or a decoded image up to what may be shipped."""
+        size = engine.classifier.input_size
+        return max(3 * size[1] * size[2], self._ship_decoded_bytes(engine))
+
+    def _ship_decoded_bytes(self, engine: Engine) -> int:
         """How large a decoded image the front-ends may ship for resizing here (0: they resize).
 
         Up to twice the resize target on each side: a reduced-scale JPEG decode (never below the
         target) of an ordinary photo fits; anything larger is resized by the front-end."""
-        assert self.engine is not None
-        classifier = self.engine.classifier
+        classifier = engine.classifier
         where = self.batching.preprocess
         on_engine = where == "engine" or (where == "auto" and classifier.device.type == "cuda")
         if not on_engine or resize_mode(classifier.split) is None:
@@ -169,16 +221,22 @@ class Host:
         selector = selectors.DefaultSelector()
         self.listener.setblocking(False)
         selector.register(self.listener, selectors.EVENT_READ)
+        selector.register(self._loaded, selectors.EVENT_READ)
         alone_since = time.monotonic()
         while True:
             for key, _ in selector.select(timeout=0.2):
                 if key.fileobj is self.listener:
                     self._accept(selector)
+                elif key.fileobj is self._loaded:
+                    self._loaded.recv(64)
+                    self._switch_over()
                 else:
                     self._read(selector, self.frontends[key.fileobj])  # type: ignore[index]
             if self.frontends:
                 alone_since = time.monotonic()
             elif self._stop.is_set() or time.monotonic() - alone_since >= self.linger_s:
+                if self._swap is not None and self._swap.engine is None:
+                    continue  # a load is running: its thread finishes first
                 logger.info("engine stopping: no front-end is connected")
                 return
 
@@ -218,22 +276,35 @@ class Host:
                 self._jobs(frontend, np.frombuffer(payload, wire.REQUEST))
             elif kind == wire.ATTACH and fds:
                 slots = int(json.loads(payload)["slots"])
-                layout = wire.Layout(int(self.hello["pixel_bytes"]), len(self.hello["served"]["class_names"]))
+                layout = wire.Layout(self.pixel_bytes, len(self.hello["served"]["class_names"]))
                 frontend.ring = wire.Ring(fds[0], slots, layout)
             elif kind == wire.METRICS:
                 wire.send(frontend.sock, wire.METRICS, generate_latest(self.registry))
+            elif kind == wire.LOAD:
+                self._load(frontend, json.loads(payload))
+            elif kind == wire.SWITCHED:
+                self._switched(frontend)
 
     def _jobs(self, frontend: Frontend, records: np.ndarray) -> None:
         ring = frontend.ring
-        assert ring is not None and self.engine is not None
+        assert ring is not None
         now = time.monotonic()
-        jobs = [
-            RemoteJob(
-                frontend, record, ring.pixels(int(record["slot"]), int(record["height"]), int(record["width"])), now
-            )
-            for record in records
-        ]
-        self.engine.batcher.submit(jobs)
+        generations = records["generation"]
+        for generation in np.unique(generations):
+            engine = self.engines.get(int(generation))
+            batch = records if len(generations) == 1 else records[generations == generation]
+            jobs = [
+                RemoteJob(
+                    frontend, record, ring.pixels(int(record["slot"]), int(record["height"]), int(record["width"])), now
+                )
+                for record in batch
+            ]
+            if engine is None:  # cannot happen: a model retires only once every front-end switched
+                for job in jobs:
+                    job.fail(RuntimeError(f"no model of generation {int(generation)} is loaded"))
+                self._flush()
+                continue
+            engine.batcher.submit(jobs)
 
     def _leave(self, selector: selectors.BaseSelector, frontend: Frontend) -> None:
         frontend.closed = True  # its queued jobs are dropped; its ring goes with the last view of it
@@ -242,21 +313,151 @@ class Host:
         del self.frontends[frontend.sock]
         self.board.clear(frontend.index)
         self._free.append(frontend.index)
+        if self._swap is not None:
+            self._switched(frontend)
 
-    # --- the inference thread, after each batch -----------------------------------------------------
+    # --- a model swap ---------------------------------------------------------------------------------
+
+    def _load(self, frontend: Frontend, request: dict[str, Any]) -> None:
+        """Load a model beside the served one, in a thread; `_switch_over` follows when it is ready."""
+        token = int(request["token"])
+        if self._swap is not None:
+            swap = self._swap
+            self._answer_load(
+                frontend,
+                token,
+                409,
+                error=f"a model load is already running (checkpoint {swap.checkpoint}, for "
+                f"{time.monotonic() - swap.started:.0f}s); wait for it to finish",
+            )
+            return
+        path = resolve_checkpoint(request.get("checkpoint"), self.model.checkpoint_path)
+        swap = self._swap = Swap(token, frontend, str(path), time.monotonic())
+        threading.Thread(target=self._load_beside, args=(swap, path), name="model-load", daemon=True).start()
+
+    def _load_beside(self, swap: Swap, path: Path | None) -> None:
+        served = self.engine.served
+        logger.info("loading %s beside the served model (version %s)", path, served.version)
+        try:
+            if path is None or not path.exists():
+                raise ModelLoadError(f"no checkpoint at {path}; give a path under the models folder")
+            self._check_room(path)
+            engine = self._start(dataclasses.replace(self.model, checkpoint_path=path))
+        except Exception as error:  # StartupError says why; anything else too: the served model stays
+            if not isinstance(error, StartupError):
+                logger.exception("model load failed unexpectedly")
+            self._fail_swap(swap, first_line(error))
+            return
+        problem = incompatibility(
+            served, engine.served, input_bytes=self._input_bytes(engine), slot_bytes=self.pixel_bytes
+        )
+        if problem is not None:
+            engine.close()
+            self._fail_swap(swap, problem)
+            return
+        swap.engine = engine
+        self._wake.send(b"!")
+
+    def _check_room(self, path: Path) -> None:
+        weights = checkpoint_bytes(path)
+        rooms = [host_room(weights)]
+        device = self.engine.classifier.device
+        if device.type == "cuda":
+            import torch
+
+            rooms.append(device_room(weights, torch.cuda.mem_get_info(device)[0]))
+        for room in rooms:
+            if not room.fits:
+                raise ModelLoadError(room.refusal())
+
+    def _fail_swap(self, swap: Swap, reason: str) -> None:
+        logger.error("model load failed, the served model (version %s) stays: %s", self.engine.served.version, reason)
+        swap.engine = None
+        self._answer_load(swap.requester, swap.token, 400, error=f"model load failed ({swap.checkpoint}): {reason}")
+        self._swap = None  # last: a second load is refused until the answer is on its way
+
+    def _switch_over(self) -> None:
+        """The new model is warm: every front-end switches to it (main thread)."""
+        swap = self._swap
+        if swap is None or swap.engine is None:
+            return
+        swap.previous, swap.switch_started = self.generation, time.monotonic()
+        self._serve_model(swap.engine, self.generation + 1)
+        switch = {**self.hello}
+        swap.waiting = set(self.frontends.values())
+        for frontend in list(swap.waiting):
+            try:
+                wire.send_json(frontend.sock, wire.SWITCH, switch)
+            except OSError:
+                swap.waiting.discard(frontend)
+        logger.info("switching to model version %s: %d front-ends", swap.engine.served.version, len(swap.waiting))
+        self._switched(None)
+
+    def _switched(self, frontend: Frontend | None) -> None:
+        """A front-end switched (or left): once all have, the old model drains and the call is answered."""
+        swap = self._swap
+        if swap is None or swap.engine is None:
+            return
+        if frontend is not None:
+            swap.waiting.discard(frontend)
+        if swap.waiting:
+            return
+        self._swap = None
+        old = self.engines.pop(swap.previous)
+        previous_version = old.served.version
+        # handed over in a list the thread empties: a thread's own args would hold the model until it ends
+        retiring = threading.Thread(target=self._retire, args=([old],), name="model-retire", daemon=True)
+        del old
+        retiring.start()
+        self._retiring = [t for t in self._retiring if t.is_alive()] + [retiring]
+        now = time.monotonic()
+        figures = {
+            "version": swap.engine.served.version,
+            "previous_version": previous_version,
+            "checkpoint": swap.checkpoint,
+            "load_s": round(swap.switch_started - swap.started, 3),
+            "switch_s": round(now - swap.switch_started, 4),
+            "total_s": round(now - swap.started, 3),
+        }
+        logger.info("model version %s serving (was %s)", figures["version"], figures["previous_version"], extra=figures)
+        if not swap.requester.closed:
+            self._answer_load(swap.requester, swap.token, 200, **figures)
+
+    def _retire(self, holder: list[Engine]) -> None:
+        """What was already queued for the old model finishes on it; then its memory goes."""
+        old = holder.pop()
+        old.close()
+        released = weakref.ref(old.classifier)
+        del old
+        started = time.perf_counter()
+        if released() is not None:  # held in a reference cycle: collect it now, not at the next gc pass
+            gc.collect()
+        release_free_memory()
+        logger.info(
+            "the previous model drained and was released (gc %.3fs, freed %s)",
+            time.perf_counter() - started,
+            released() is None,
+        )
+
+    def _answer_load(self, frontend: Frontend, token: int, status: int, **answer: Any) -> None:
+        with contextlib.suppress(OSError):
+            wire.send_json(frontend.sock, wire.LOADED, {"token": token, "status": status, **answer})
+
+    # --- the inference threads, after each batch ----------------------------------------------------
 
     def _flush(self) -> None:
         for frontend in list(self.frontends.values()):
-            if not frontend.outbox:
-                continue
-            outbox, frontend.outbox = frontend.outbox, []
-            records = np.zeros(len(outbox), dtype=wire.REPLY)
-            for name, column in zip(
-                ("id", "slot", "status", "size", "forward_s", "queued_s"), zip(*outbox, strict=True), strict=True
-            ):
-                records[name] = column
-            try:
-                for chunk in wire.chunks(records):
-                    wire.send(frontend.sock, wire.REPLIES, chunk)
-            except OSError:
-                frontend.closed = True
+            with frontend.lock:
+                if not frontend.outbox:
+                    continue
+                outbox, frontend.outbox = frontend.outbox, []
+                records = np.zeros(len(outbox), dtype=wire.REPLY)
+                for name, column in zip(
+                    ("id", "slot", "status", "size", "forward_s", "queued_s"), zip(*outbox, strict=True), strict=True
+                ):
+                    records[name] = column
+                try:
+                    for chunk in wire.chunks(records):
+                        wire.send(frontend.sock, wire.REPLIES, chunk)
+                except OSError:
+                    frontend.closed = True

@@ -28,7 +28,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -50,7 +50,14 @@ from api.engine.pipeline import (
     prepare_upload,
 )
 from api.engine.recipe import Recipe
-from api.errors import GatewayTimeout, Overloaded, RequestError, ServiceUnavailable, StartupError
+from api.errors import (
+    GatewayTimeout,
+    ModelLoadRefused,
+    Overloaded,
+    RequestError,
+    ServiceUnavailable,
+    StartupError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +137,30 @@ def engine_group() -> tuple[str, bool]:
     return f"{os.getpid()}-{secrets.token_hex(4)}", False
 
 
+@dataclass(frozen=True)
+class ModelView:
+    """One model the engine serves, as a front-end needs it: read once per request, so the pixels,
+    the labels and the version in an answer all belong to the model that produced its scores."""
+
+    generation: int
+    served: Served
+    recipe: Recipe
+    reduce_to: int | None
+    ship_decoded_bytes: int
+    described: dict[str, Any]
+
+    @classmethod
+    def from_hello(cls, hello: dict[str, Any]) -> ModelView:
+        return cls(
+            int(hello.get("generation", 0)),
+            Served.from_dict(hello["served"]),
+            Recipe.from_dict(hello["recipe"]),
+            hello["reduce_to"],
+            int(hello["ship_decoded_bytes"]),
+            hello["describe"],
+        )
+
+
 class EngineLink:
     def __init__(
         self,
@@ -141,27 +172,30 @@ class EngineLink:
         observer: Any,
     ):
         self.sock = sock
-        self.hello = hello
         self.board = board
         self.index = int(hello["index"])
         self.options = options
-        self.served = Served.from_dict(hello["served"])
-        self.recipe = Recipe.from_dict(hello["recipe"])
-        self._reduce_to = hello["reduce_to"]
-        self._ship = int(hello["ship_decoded_bytes"])
+        self.view = ModelView.from_hello(hello)
         self.max_queue = int(hello["max_queue"])
-        layout = wire.Layout(int(hello["pixel_bytes"]), self.served.num_classes)
+        layout = wire.Layout(int(hello["pixel_bytes"]), self.view.served.num_classes)
         slots = min(2 * self.max_queue, 4096)  # abandoned slots stay taken until the engine answers them
         self.ring = wire.Ring.create(slots, layout)
         self._free: deque[int] = deque(range(slots))
         self._pending: dict[int, asyncio.Future[tuple[np.ndarray, BatchRun]]] = {}
         self._metrics: deque[asyncio.Future[bytes]] = deque()
+        self._loads: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._unsent: Counter[int] = Counter()  # requests per generation whose jobs are not sent yet
+        self._switching: int | None = None  # a generation to confirm once no older job is unsent
         self._ids = itertools.count(1)
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self._observer = observer
         self.lost = asyncio.Event()
         wire.send_json(sock, wire.ATTACH, {"slots": slots}, fds=(self.ring.fd,))
         asyncio.get_running_loop().add_reader(sock, self._on_readable)
+
+    @property
+    def served(self) -> Served:
+        return self.view.served
 
     # --- connecting ------------------------------------------------------------------------------
 
@@ -201,7 +235,7 @@ class EngineLink:
     # --- Pipeline ----------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
-        return {**self.hello["describe"], "inference": "process"}
+        return {**self.view.described, "inference": "process"}
 
     @contextmanager
     def admit(self, images: int) -> Iterator[Ticket]:
@@ -227,28 +261,34 @@ class EngineLink:
     async def classify(
         self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
     ) -> Classification:
-        prepared = await asyncio.gather(*(self._prepare(data) for data in uploads))
-        prepared_at = time.perf_counter()
-        if self.lost.is_set():
-            for item in prepared:
-                if not isinstance(item, RequestError):
-                    self._free.append(item[1])
-            raise _engine_gone()
-        deadline = deadline or time.monotonic() + self.options.request_timeout_s
-        good = [item for item in prepared if not isinstance(item, RequestError)]
-        records = np.zeros(len(good), dtype=wire.REQUEST)
-        loop = asyncio.get_running_loop()
-        futures = []
-        for row, (_, slot, height, width, resize) in enumerate(good):
-            job = next(self._ids)
-            records[row] = (job, slot, height, width, deadline, resize, b"")
-            self._pending[job] = future = loop.create_future()
-            futures.append(future)
-        if good:
-            for chunk in wire.chunks(records):
-                wire.send(self.sock, wire.JOBS, chunk)
-            ticket.queued += len(good)
-            self.board.decoding[self.index] -= len(good)
+        view = self.view  # one model for the whole request, even across a swap
+        self._unsent[view.generation] += 1
+        try:
+            prepared = await asyncio.gather(*(self._prepare(view, data) for data in uploads))
+            prepared_at = time.perf_counter()
+            if self.lost.is_set():
+                for item in prepared:
+                    if not isinstance(item, RequestError):
+                        self._free.append(item[1])
+                raise _engine_gone()
+            deadline = deadline or time.monotonic() + self.options.request_timeout_s
+            good = [item for item in prepared if not isinstance(item, RequestError)]
+            records = np.zeros(len(good), dtype=wire.REQUEST)
+            loop = asyncio.get_running_loop()
+            futures = []
+            for row, (_, slot, height, width, resize) in enumerate(good):
+                job = next(self._ids)
+                records[row] = (job, slot, height, width, deadline, resize, b"", view.generation)
+                self._pending[job] = future = loop.create_future()
+                futures.append(future)
+            if good:
+                for chunk in wire.chunks(records):
+                    wire.send(self.sock, wire.JOBS, chunk)
+                ticket.queued += len(good)
+                self.board.decoding[self.index] -= len(good)
+        finally:
+            self._unsent[view.generation] -= 1
+            self._confirm_switch()
         try:
             answers = await asyncio.wait_for(asyncio.gather(*futures), timeout=max(deadline - time.monotonic(), 0))
         except TimeoutError:
@@ -258,22 +298,60 @@ class EngineLink:
                 f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})"
             ) from None
         infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
-        return Classification(outcomes_in_order(infos, answers, self.served, self._observer, top_k), prepared_at)
+        outcomes = outcomes_in_order(infos, answers, view.served, self._observer, top_k)
+        return Classification(outcomes, prepared_at, view.served)
 
-    def _write(self, data: bytes, slot: int) -> tuple[ImageDescription, int, int, int, int]:
+    # --- a model swap (api/engine/host.py does it; every front-end follows) -----------------------
+
+    async def reload(self, checkpoint: str | None) -> dict[str, Any]:
+        """Have the engine load `checkpoint` (None: the configured one again) beside the served model
+        and switch every front-end to it. Answers once the switch is done, with its figures; raises
+        `ModelLoadRefused` (with the status the engine chose: 409 busy, 400 unusable) otherwise."""
+        if self.lost.is_set():
+            raise _engine_gone()
+        token = next(self._ids)
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._loads[token] = future
+        wire.send_json(self.sock, wire.LOAD, {"token": token, "checkpoint": checkpoint})
+        try:
+            answer = await future
+        finally:
+            self._loads.pop(token, None)
+        if answer["status"] != 200:
+            raise ModelLoadRefused(answer["error"], status=int(answer["status"]))
+        return answer
+
+    def _switch(self, hello: dict[str, Any]) -> None:
+        self.view = ModelView.from_hello(hello)
+        self._switching = self.view.generation
+        logger.info("switched to model version %s (generation %d)", self.view.served.version, self.view.generation)
+        self._confirm_switch()
+
+    def _confirm_switch(self) -> None:
+        """Tell the engine once no job for an older model can still come from here."""
+        generation = self._switching
+        if generation is None or any(count for gen, count in self._unsent.items() if gen < generation):
+            return
+        self._switching = None
+        with contextlib.suppress(OSError):
+            wire.send_json(self.sock, wire.SWITCHED, {"generation": generation})
+
+    def _write(self, view: ModelView, data: bytes, slot: int) -> tuple[ImageDescription, int, int, int, int]:
         info, pixels, needs_resize = prepare_upload(
-            data, self.recipe, self.options, reduce_to=self._reduce_to, ship_decoded_bytes=self._ship
+            data, view.recipe, self.options, reduce_to=view.reduce_to, ship_decoded_bytes=view.ship_decoded_bytes
         )
         height, width = pixels.shape[:2]
         self.ring.pixels(slot, height, width)[...] = pixels
         return info, slot, height, width, int(needs_resize)
 
-    async def _prepare(self, data: bytes) -> tuple[ImageDescription, int, int, int, int] | RequestError:
+    async def _prepare(
+        self, view: ModelView, data: bytes
+    ) -> tuple[ImageDescription, int, int, int, int] | RequestError:
         if not self._free:
             return Overloaded("over capacity: every slot of this front-end is taken; retry", retry_after_s=1)
         slot = self._free.popleft()
         loop = asyncio.get_running_loop()
-        job = functools.partial(contextvars.copy_context().run, self._write, data, slot)
+        job = functools.partial(contextvars.copy_context().run, self._write, view, data, slot)
         started = time.perf_counter()
         try:
             return await loop.run_in_executor(self._decoder, job)
@@ -318,6 +396,13 @@ class EngineLink:
                 future = self._metrics.popleft()
                 if not future.done():
                     future.set_result(message[1:])
+            elif kind == wire.SWITCH:
+                self._switch(json.loads(message[1:]))
+            elif kind == wire.LOADED:
+                answer = json.loads(message[1:])
+                waiter = self._loads.get(int(answer["token"]))
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
 
     def _answer(self, records: np.ndarray) -> None:
         for record in records:
@@ -347,6 +432,9 @@ class EngineLink:
         for waiter in self._metrics:
             if not waiter.done():
                 waiter.set_result(b"")
+        for load in self._loads.values():
+            if not load.done():
+                load.set_exception(_engine_gone())
         self.lost.set()
 
     def close(self) -> None:

@@ -60,10 +60,11 @@ Outcome = Classified | RequestError
 
 @dataclass(frozen=True)
 class Classification:
-    """The outcomes in upload order, when decoding ended, and the batches that served them."""
+    """The outcomes in upload order, when decoding ended, the batches and the model that served them."""
 
     outcomes: list[Outcome]
     prepared_at: float  # time.perf_counter() once every upload was decoded
+    served: Served  # the model that answered (read once per request: a swap never splits one)
 
     @property
     def runs(self) -> list[BatchRun]:
@@ -110,6 +111,11 @@ class Served:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def version(self) -> str:
+        """The model version every answer names: the checkpoint's short sha256."""
+        return self.checkpoint_sha256[:12]
 
     def rank(self, scores: np.ndarray, top_k: int) -> list[tuple[int, str, float]]:
         """One image's scores -> [(index, label, score)], best first.

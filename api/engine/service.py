@@ -165,7 +165,9 @@ class Engine:
             scores, runs = await self.batcher.predict(ticket, good, deadline=deadline)
             answers = list(zip(scores, runs, strict=True))
         infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
-        return Classification(outcomes_in_order(infos, answers, self.served, self._observer, top_k), prepared_at)
+        return Classification(
+            outcomes_in_order(infos, answers, self.served, self._observer, top_k), prepared_at, self.served
+        )
 
     async def classify_all(
         self, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None

@@ -2,8 +2,13 @@
 
     front-end                                      engine (one per device)
     ring (memfd, its own): slots of pixels -> read in place by the batch; scores written back
-    JOBS  [id, slot, height, width, deadline]  ->  one record per image, many per message
+    JOBS  [id, slot, height, width, deadline,  ->  one record per image, many per message
+           generation]
                                                <-  REPLIES [id, slot, status, batch size, times]
+    LOAD [checkpoint]                          ->  a new model loads beside the served one
+                                               <-  SWITCH [the new model, its generation] (to all)
+    SWITCHED [generation]                      ->  once no job for the older model is unsent
+                                               <-  LOADED (to the caller, once every front-end switched)
     board (memfd, the engine's): admitted and still-decoding images per front-end (admission
     over all front-ends under one lock; "more is on its way" for the batcher)
 
@@ -38,6 +43,10 @@ ATTACH = b"A"  # front-end -> engine: JSON {"slots": n} + the ring's fd
 JOBS = b"J"  # front-end -> engine: REQUEST records
 REPLIES = b"R"  # engine -> front-end: REPLY records
 METRICS = b"M"  # front-end -> engine: asks; engine -> front-end: its Prometheus exposition
+LOAD = b"L"  # front-end -> engine: JSON {"token", "checkpoint"}: load a model beside the served one
+SWITCH = b"S"  # engine -> front-ends: JSON, the new model (as in HELLO): tag new jobs with its generation
+SWITCHED = b"W"  # front-end -> engine: JSON {"generation"}: switched, and no job for an older one is unsent
+LOADED = b"D"  # engine -> the front-end that asked: JSON {"token", "status", "error" | the swap's figures}
 
 REQUEST = np.dtype(
     [
@@ -47,7 +56,8 @@ REQUEST = np.dtype(
         ("width", "<u2"),
         ("deadline", "<f8"),
         ("resize", "u1"),
-        ("_", "V7"),
+        ("_", "V3"),
+        ("generation", "<u4"),  # the model the pixels were prepared for, and that must answer them
     ]
 )
 REPLY = np.dtype(

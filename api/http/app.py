@@ -10,7 +10,7 @@ import asyncio
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -22,14 +22,14 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
-from api.config import Settings
+from api.config import HttpSettings, Settings
 from api.engine.pipeline import Pipeline
 from api.errors import RequestError, StartupError
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.metrics import Metrics, MetricsMiddleware
 from api.http.readiness import ServiceState
 from api.http.requestlog import RequestLogMiddleware
-from api.http.routes import health, model, predict
+from api.http.routes import health, model, predict, v2
 from api.http.routes.web import add_web_ui
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ async def _start_engine(settings: Settings, state: ServiceState, metrics: Metric
         logger.exception("model load failed unexpectedly")
     else:
         state.set_ready(engine)
+        metrics.on_model(engine.served)
         metrics.load_seconds.set(engine.classifier.load_seconds)
         _log_ready(engine, settings)
         return
@@ -229,9 +230,7 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
     app.state.service = service
 
     # Bodies are refused while being read once past these limits (413), never buffered whole.
-    single = http.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
-    limits = {"/api/v1/predict": single, "/api/v1/predict/batch": single * http.max_batch_files}
-    app.add_middleware(BodyLimitMiddleware, limit_for_path=limits.get)
+    app.add_middleware(BodyLimitMiddleware, limit_for_path=_body_limits(http), error_body=error_body)
     if http.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -245,29 +244,55 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
     app.include_router(health.router)
     app.include_router(predict.router)
     app.include_router(model.router)
+    app.include_router(v2.router)
+    app.include_router(v2.models)
+    if http.admin_key is not None:  # model management exists only with its key
+        app.include_router(v2.repository)
     if http.web_ui:
         add_web_ui(app)
     return app
 
 
-def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+def _body_limits(http: HttpSettings) -> Callable[[str], int | None]:
+    single = http.max_upload_bytes * 4 // 3 + 64 * 1024  # room for base64 and multipart framing
+    limits = {"/api/v1/predict": single, "/api/v1/predict/batch": single * http.max_batch_files}
+
+    def limit_for_path(path: str) -> int | None:
+        if path.startswith(v2.PREFIX + "/"):
+            return single * http.max_batch_files if path.endswith("/infer") else 64 * 1024
+        return limits.get(path)
+
+    return limit_for_path
+
+
+def error_body(path: str, code: str, message: str) -> dict[str, Any]:
+    """/api/v1 answers {"error": {"code", "message"}}; the v2 protocol's clients read {"error": "<message>"}."""
+    if path == v2.PREFIX or path.startswith(v2.PREFIX + "/"):
+        return {"error": message}
+    return {"error": {"code": code, "message": message}}
+
+
+def _error(
+    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(error_body(request.url.path, code, message), status_code=status, headers=headers)
 
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
-    async def request_error(_: Request, error: RequestError) -> JSONResponse:
-        return _error(error.status, error.code, error.message, error.headers)
+    async def request_error(request: Request, error: RequestError) -> JSONResponse:
+        return _error(request, error.status, error.code, error.message, error.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, error: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
-        return _error(422, "validation_error", problems or "invalid request")
+        return _error(request, 422, "validation_error", problems or "invalid request")
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
         return _error(
+            request,
             error.status_code,
             codes.get(error.status_code, f"http_{error.status_code}"),
             str(error.detail),

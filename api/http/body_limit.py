@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -17,9 +18,16 @@ from api.errors import PayloadTooLarge
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, limit_for_path: Callable[[str], int | None]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit_for_path: Callable[[str], int | None],
+        error_body: Callable[[str, str, str], dict[str, Any]],
+    ):
         self.app = app
         self.limit_for_path = limit_for_path
+        self.error_body = error_body  # (path, code, message) -> the JSON error as that route answers it
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.limit_for_path(scope["path"]) if scope["type"] == "http" else None
@@ -28,7 +36,8 @@ class BodyLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await _refuse(send, f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes")
+            message = f"request body of {int(declared)} bytes exceeds the limit of {limit} bytes"
+            await _refuse(send, self.error_body(scope["path"], PayloadTooLarge.code, message))
             return
         received = 0
 
@@ -45,8 +54,8 @@ class BodyLimitMiddleware:
         await self.app(scope, limited_receive, send)
 
 
-async def _refuse(send: Send, message: str) -> None:
-    body = json.dumps({"error": {"code": PayloadTooLarge.code, "message": message}}).encode()
+async def _refuse(send: Send, error: dict[str, Any]) -> None:
+    body = json.dumps(error).encode()
     headers = [
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),

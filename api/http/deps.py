@@ -11,6 +11,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
 from api.config import HttpSettings
 from api.errors import Unauthorized
@@ -39,15 +40,26 @@ _API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="
 _BEARER = HTTPBearer(auto_error=False, description="API_API_KEY as a bearer token, when it is set.")
 
 
+def _check(given: str | None, expected: SecretStr | None, what: str) -> None:
+    if expected is None:
+        return
+    if given is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
+        raise Unauthorized(f"missing or invalid {what}")
+
+
 async def require_api_key(
     request: Request,
     header_key: Annotated[str | None, Security(_API_KEY_HEADER)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
 ) -> None:
     """With API_API_KEY set, the request must carry it; compared in constant time. 401 says no more."""
-    expected = request.app.state.http.api_key
-    if expected is None:
-        return
-    given = header_key or (bearer.credentials if bearer else None)
-    if given is None or not hmac.compare_digest(given.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized()
+    _check(header_key or (bearer.credentials if bearer else None), request.app.state.http.api_key, "API key")
+
+
+async def require_admin_key(
+    request: Request,
+    header_key: Annotated[str | None, Security(_API_KEY_HEADER)],
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_BEARER)],
+) -> None:
+    """Model management needs API_ADMIN_KEY, sent like the API key (its routes exist only when it is set)."""
+    _check(header_key or (bearer.credentials if bearer else None), request.app.state.http.admin_key, "admin key")

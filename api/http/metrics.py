@@ -17,6 +17,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.engine.figures import LATENCY_BUCKETS, PREFIX, EngineFigures
+from api.engine.pipeline import Served
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -102,6 +103,16 @@ class Metrics:
 
     def on_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage).observe(seconds)
+
+    def on_images(self, outcome: str, count: int = 1) -> None:
+        """Images answered, by outcome ("ok" or the error's code); refusals also by reason."""
+        self.images.labels(outcome).inc(count)
+        if outcome in ("overloaded", "timeout"):
+            self.rejected.labels(outcome).inc(count)
+
+    def on_model(self, served: Served) -> None:
+        if self.engine is not None:
+            self.engine.on_model(served)
 
     def on_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

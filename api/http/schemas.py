@@ -23,6 +23,7 @@ class Label(BaseModel):
 
 
 class ModelIdentity(BaseModel):
+    version: str = Field(description="The model version that answered: its checkpoint's short sha256.")
     architecture: str
     num_classes: int
     checkpoint_sha256: str = Field(description="SHA-256 of the weights file that answered.")
@@ -90,6 +91,7 @@ class ModelInfo(BaseModel):
     checkpoint_path: str
     checkpoint_format: str
     checkpoint_sha256: str
+    version: str = Field(description="The model version answers name: the checkpoint's short sha256.")
     weights_key: str = Field(description="Which entry of the checkpoint held the weights ('' for a raw one).")
     load_seconds: float
     cpu: str = Field(description="Threads for inference and decoding, and where that number came from.")
@@ -112,3 +114,72 @@ class Health(BaseModel):
 
 class Liveness(BaseModel):
     status: Literal["alive"] = "alive"
+
+
+# --- the Open Inference Protocol (v2) ---------------------------------------------------------------
+
+
+class V2Error(BaseModel):
+    error: str = Field(description="What went wrong (tritonclient raises it as InferenceServerException).")
+
+
+class V2NotReady(BaseModel):
+    ready: Literal[False] = False
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class TensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int] = Field(description="-1: any size.")
+
+
+class ModelMetadata(BaseModel):
+    name: str
+    versions: list[str] = Field(description="The served version: the checkpoint's short sha256.")
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class InferTensor(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, object] | None = None
+    data: list[object] | None = None
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str = Field(description="The version that produced these outputs.")
+    id: str | None = None
+    outputs: list[InferTensor]
+
+
+class RepositoryEntry(BaseModel):
+    name: str
+    version: str
+    state: Literal["READY", "LOADING", "UNAVAILABLE"]
+    reason: str
+
+
+class ModelLoaded(BaseModel):
+    name: str
+    version: str = Field(description="Now serving.")
+    previous_version: str
+    checkpoint: str
+    load_s: float = Field(description="Loading, checking and warming up the new model beside the old.")
+    switch_s: float = Field(description="From the switch to every front-end answering with the new model.")
+    total_s: float

@@ -69,6 +69,7 @@ def _body_doc(multiple: bool) -> dict[str, Any]:
 
 def _identity(served: Served) -> ModelIdentity:
     return ModelIdentity(
+        version=served.version,
         architecture=served.architecture,
         num_classes=served.num_classes,
         checkpoint_sha256=served.checkpoint_sha256,
@@ -81,12 +82,6 @@ def _prediction(result: Classified) -> Prediction:
         predictions=[Label(index=i, label=name, score=score) for i, name, score in result.labels],
         image=ImageInfo(width=result.image.width, height=result.image.height, format=result.image.format),
     )
-
-
-def _record(metrics: Metrics, outcome: str, count: int = 1) -> None:
-    metrics.images.labels(outcome).inc(count)
-    if outcome in ("overloaded", "timeout"):
-        metrics.rejected.labels(outcome).inc(count)
 
 
 async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files: int) -> list[Upload]:
@@ -133,14 +128,14 @@ async def predict(
         if isinstance(outcome, RequestError):
             raise outcome
     except RequestError as error:
-        _record(metrics, error.code)
+        metrics.on_images(error.code)
         raise
-    _record(metrics, "ok")
+    metrics.on_images("ok")
     result = _prediction(outcome)
     return PredictResponse(
         predictions=result.predictions,
         image=result.image,
-        model=_identity(engine.served),
+        model=_identity(classification.served),
         timing=_timing(started, classification, request),
     )
 
@@ -167,20 +162,20 @@ async def predict_batch(
                 ticket, [u.data for u in uploads], top_k=top_k or settings.top_k, deadline=deadline
             )
     except RequestError as error:
-        _record(metrics, error.code, len(uploads))
+        metrics.on_images(error.code, len(uploads))
         raise
     items = []
     for upload, outcome in zip(uploads, classification.outcomes, strict=True):
         if isinstance(outcome, RequestError):
-            _record(metrics, outcome.code)
+            metrics.on_images(outcome.code)
             items.append(
                 BatchItem(
                     filename=upload.filename, ok=False, error=ErrorBody(code=outcome.code, message=outcome.message)
                 )
             )
         else:
-            _record(metrics, "ok")
+            metrics.on_images("ok")
             items.append(BatchItem(filename=upload.filename, ok=True, result=_prediction(outcome)))
     return BatchResponse(
-        results=items, model=_identity(engine.served), timing=_timing(started, classification, request)
+        results=items, model=_identity(classification.served), timing=_timing(started, classification, request)
     )
