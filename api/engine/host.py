@@ -112,9 +112,18 @@ class RemoteJob:
 
 
 class Host:
-    def __init__(self, listener: socket.socket, model: ModelSettings, batching: BatchingSettings, linger_s: float):
+    def __init__(
+        self,
+        listener: socket.socket,
+        model: ModelSettings,
+        batching: BatchingSettings,
+        linger_s: float,
+        *,
+        swapped_in: Path | None = None,
+    ):
         self.listener = listener
-        self.model = model
+        self.model = model  # its checkpoint_path is the configured one: a load without a path reads it again
+        self.swapped_in = swapped_in  # started after a crash: the model swapped in last
         self.batching = batching
         self.linger_s = linger_s
         self.board = wire.Board.create()
@@ -142,7 +151,12 @@ class Host:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         try:
-            engine = self._start(self.model)
+            first = (
+                self.model
+                if self.swapped_in is None
+                else dataclasses.replace(self.model, checkpoint_path=self.swapped_in)
+            )
+            engine = self._start(first)
         except StartupError as error:
             self._refuse(str(error))
             return 3

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import functools
 import itertools
 import json
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -80,6 +81,8 @@ class EngineConfig:
     log_level: str = "INFO"
     log_dir: Path | None = None
     log_format: str = "json"
+    # the model swapped in last (None: the configured one); model.checkpoint_path stays the configured one
+    swapped_in: Path | None = None
 
 
 class EngineSpawner:
@@ -100,6 +103,10 @@ class EngineSpawner:
         assert self.process.stdin is not None
         self.process.stdin.write(pickle.dumps(self.config))
         self.process.stdin.close()
+
+    def follow(self, checkpoint: str) -> None:
+        """The served model was swapped: an engine started from now on (after a crash) loads that one."""
+        self.config = dataclasses.replace(self.config, swapped_in=Path(checkpoint))
 
     def forget(self) -> None:
         """A new attempt: an engine of ours that ended before (killed, say) is reaped and forgotten."""
@@ -189,6 +196,7 @@ class EngineLink:
         self._ids = itertools.count(1)
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self._observer = observer
+        self.on_switch: Callable[[ModelView], None] = lambda view: None
         self.lost = asyncio.Event()
         wire.send_json(sock, wire.ATTACH, {"slots": slots}, fds=(self.ring.fd,))
         asyncio.get_running_loop().add_reader(sock, self._on_readable)
@@ -326,6 +334,7 @@ class EngineLink:
         self._switching = self.view.generation
         logger.info("switched to model version %s (generation %d)", self.view.served.version, self.view.generation)
         self._confirm_switch()
+        self.on_switch(self.view)
 
     def _confirm_switch(self) -> None:
         """Tell the engine once no job for an older model can still come from here."""

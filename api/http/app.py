@@ -104,6 +104,7 @@ async def _link_engine(
             await asyncio.sleep(0.2)
             continue
         owner.link = link
+        link.on_switch = lambda view: _switched(view, owner, metrics)
         state.set_ready(link)
         linked.set()
         if first:
@@ -115,6 +116,12 @@ async def _link_engine(
         await link.lost.wait()
         state.set_lost("the engine process stopped; restarting it")
         logger.error("the engine process stopped: answering 503 until it is back")
+
+
+def _switched(view: Any, owner: Owner, metrics: Metrics) -> None:
+    """The model was swapped: an engine restarted after a crash serves the new one too."""
+    owner.spawner.follow(view.described["checkpoint_path"])
+    metrics.load_seconds.set(view.described.get("load_seconds", 0.0))
 
 
 @dataclass

@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     from api.logs import configure_logging
 
     configure_logging(config.log_level, config.log_dir, config.log_format)
-    return Host(listener, config.model, config.batching, config.linger_s).run()
+    return Host(listener, config.model, config.batching, config.linger_s, swapped_in=config.swapped_in).run()
 
 
 if __name__ == "__main__":

@@ -177,7 +177,7 @@ def test_7_dev_override_reloads_on_source_change(make_stack: Callable[..., Stack
 
 def test_8_prod_gunicorn_workers_serve(make_stack: Callable[..., Stack], chelsea_jpeg: bytes) -> None:
     files = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.prod.yml"]
-    prod = make_stack("prod", files, WEB_CONCURRENCY="2")
+    prod = make_stack("prod", files, WEB_CONCURRENCY="2", API_ADMIN_KEY="container-admin-key")
     prod.env["API_PORT_RANGE"] = prod.env["API_PORT"]
     try:
         prod.up()
@@ -197,6 +197,10 @@ def test_8_prod_gunicorn_workers_serve(make_stack: Callable[..., Stack], chelsea
             "import os\nprint(sum(b'api.ops.engine' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))",
         ).stdout  # fmt: skip
         assert int(engines) == 1  # one engine process holds the model for both workers
+        # the README's swap command, in the container: the key from the environment Compose passed in
+        swapped = prod.exec("python3", "-m", "api.cli", "reload").stdout
+        assert "every front-end switched" in swapped, swapped
+        assert httpx.get(prod.url + "/v2/health/ready", timeout=10).json() == {"ready": True}
         logging = prod.inspect()["HostConfig"]["LogConfig"]
         assert logging["Type"] == "json-file" and logging["Config"]["max-size"] == "10m"
         assert not prod.inspect()["Name"].endswith("/cat-breeds-api")  # no fixed name: replicas can coexist

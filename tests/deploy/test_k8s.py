@@ -252,15 +252,24 @@ def test_autoscaling_disruption_and_model_source(name: str, workdir: Path) -> No
             assert doc["metadata"]["namespace"] == "cat-breeds-api", doc["kind"]
 
 
-def test_kserve_example_probes_the_app_routes() -> None:
-    (isvc,) = list(yaml.safe_load_all((K8S / "kserve" / "inferenceservice.yaml").read_text()))
+@pytest.mark.parametrize("name", ["inferenceservice.yaml", "inferenceservice-v2.yaml"])
+def test_kserve_examples_probe_the_app_routes(name: str) -> None:
+    (isvc,) = list(yaml.safe_load_all((K8S / "kserve" / name).read_text()))
     assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
     (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["name"] == "kserve-container"
+    env = {item["name"]: item.get("value") for item in container["env"]}
     port = container["ports"][0]["containerPort"]
-    assert port == int(_dockerfile(r"^EXPOSE (\d+)"))
+    assert port == int(env.get("API_PORT") or _dockerfile(r"^EXPOSE (\d+)"))
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container[kind]["httpGet"]
         assert probe["path"] in _app_paths() and probe["port"] == port, kind
-    names = {env["name"] for env in container["env"]} - {"STORAGE_URI"}  # STORAGE_URI is KServe's
+    names = set(env) - {"STORAGE_URI", "PROTOCOL"}  # KServe's own
     assert names <= environment_names(), names - environment_names()
     assert not container["image"].endswith(":latest")
+    if env.get("PROTOCOL") == "v2":  # KServe reads it to treat the container as a v2 predictor
+        assert all(
+            container[k]["httpGet"]["path"].startswith("/v2/health/") for k in ("readinessProbe", "livenessProbe")
+        )
+        assert isvc["metadata"]["annotations"]["prometheus.kserve.io/port"] == str(port)
+        assert isvc["metadata"]["annotations"]["prometheus.kserve.io/path"] in _app_paths()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
+import signal
 import subprocess
 import threading
 import time
@@ -28,6 +30,7 @@ from timm.models import save_for_hf
 from api.config import load_settings
 from api.engine.service import Engine
 from tests.helpers import BIN, CLI, ServerProcess, eventually, process_env, served_process, tiny_model
+from tests.support import engine_pids
 
 GUNICORN = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
 ADMIN = {"X-API-Key": "admin-secret"}
@@ -239,6 +242,17 @@ def test_swap_under_load(server: ServerProcess, models: dict[str, Path], chelsea
     metrics = httpx.get(server.url + "/metrics").text
     info = [line for line in metrics.splitlines() if line.startswith("cat_breeds_api_model_info{")]
     assert len(info) == 1 and f'version="{slow_version}"' in info[0], info
+
+    # the engine process dies: the one started in its place serves the swapped-in model, not the configured one
+    for pid in engine_pids(server.pid):
+        os.kill(pid, signal.SIGKILL)
+    eventually(lambda: _version(server.url) == slow_version, timeout_s=120, what="the restarted engine serving")
+    eventually(lambda: server.metrics().get("cat_breeds_api_model_ready") == 1.0, timeout_s=60, what="both ready")
+
+
+def _version(url: str) -> str | None:
+    response = httpx.get(url + "/api/v1/model", timeout=5)
+    return response.json()["version"] if response.status_code == 200 else None
 
 
 def test_the_cli_swaps_back_and_reports(server: ServerProcess, models: dict[str, Path]) -> None:
