@@ -32,7 +32,9 @@ class CudaGraphs:
                 scores(static_in)
             torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: a model swap captures while the served model's thread keeps launching on
+            # the same GPU; the default ("global") would make that thread's allocations fail meanwhile
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 static_out = scores(static_in)
             pool = graph.pool()
             self._graphs[size] = (graph, static_in, static_out)

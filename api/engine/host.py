@@ -440,18 +440,15 @@ class Host:
     def _retire(self, holder: list[Engine]) -> None:
         """What was already queued for the old model finishes on it; then its memory goes."""
         old = holder.pop()
+        version = old.served.version
         old.close()
         released = weakref.ref(old.classifier)
         del old
-        started = time.perf_counter()
         if released() is not None:  # held in a reference cycle: collect it now, not at the next gc pass
             gc.collect()
         release_free_memory()
-        logger.info(
-            "the previous model drained and was released (gc %.3fs, freed %s)",
-            time.perf_counter() - started,
-            released() is None,
-        )
+        outcome = "freed" if released() is None else "still referenced"
+        logger.info("the previous model (version %s) drained and was released (%s)", version, outcome)
 
     def _answer_load(self, frontend: Frontend, token: int, status: int, **answer: Any) -> None:
         with contextlib.suppress(OSError):

@@ -202,7 +202,8 @@ def test_plain_http_clients(server: str, chelsea_jpeg: bytes) -> None:
         headers={**_key(), "Inference-Header-Content-Length": str(len(text))},
     )
     assert "content-type" not in request.headers  # as tritonclient sends it
-    answered = httpx.Client().send(request)
+    with httpx.Client() as session:
+        answered = session.send(request)
     assert answered.status_code == 200
     assert answered.json()["outputs"][0]["data"] == pytest.approx(output["data"], rel=1e-6)
 

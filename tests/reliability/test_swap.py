@@ -107,6 +107,7 @@ class Clients:
     data: bytes
     answers: dict[str, list[tuple[int, str, tuple[float, ...]]]] = field(default_factory=dict)
     not_ready: list[str] = field(default_factory=list)
+    timings: list[tuple[float, float]] = field(default_factory=list)  # (sent at, seconds to answer)
     stop: threading.Event = field(default_factory=threading.Event)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -127,7 +128,9 @@ class Clients:
     def _v1(self, name: str) -> None:
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self.stop.is_set():
+                sent = time.monotonic()
                 response = client.post("/api/v1/predict?top_k=5", files={"file": ("c.jpg", self.data)})
+                self.timings.append((sent, time.monotonic() - sent))
                 if response.status_code != 200:
                     self.answers[name].append((response.status_code, response.text, ()))
                     continue
@@ -143,7 +146,9 @@ class Clients:
         }
         with httpx.Client(base_url=self.url, timeout=60) as client:
             while not self.stop.is_set():
+                sent = time.monotonic()
                 response = client.post("/v2/models/cat-breeds/infer", json=payload)
+                self.timings.append((sent, time.monotonic() - sent))
                 if response.status_code != 200:
                     self.answers[name].append((response.status_code, response.text, ()))
                     continue
@@ -218,9 +223,16 @@ def test_swap_under_load(server: ServerProcess, models: dict[str, Path], chelsea
 
     answers = [a for per_client in clients.answers.values() for a in per_client]
     failures = [a for a in answers if a[0] != 200]
+    during = [seconds for sent, seconds in clients.timings if called - 0.1 <= sent <= called + call_s]
+    before = sorted(seconds for sent, seconds in clients.timings if sent < called)
+    print(
+        f"latency: median before the swap {before[len(before) // 2] * 1000:.1f} ms, worst while it ran "
+        f"{max(during, default=0) * 1000:.1f} ms ({len(during)} requests)"
+    )
     print(
         f"swap under load: {len(answers)} answers, {len(failures)} non-200; load call {call_s:.3f}s "
-        f"(load {figures['load_s']}s, switch {figures['switch_s'] * 1000:.1f} ms)"
+        f"(load {figures['load_s']}s, switch {figures['switch_s'] * 1000:.1f} ms); resnet50: load "
+        f"{slow['answer'].json()['load_s']}s, switch {slow['answer'].json()['switch_s'] * 1000:.1f} ms"
     )
     assert not failures, failures[:5]
     assert not clients.not_ready, clients.not_ready[:5]
@@ -237,6 +249,8 @@ def test_swap_under_load(server: ServerProcess, models: dict[str, Path], chelsea
     np.testing.assert_allclose(next(iter(new_scores)), reference, rtol=1e-5, atol=1e-6)
     assert not np.allclose(next(iter(old_scores)), reference, atol=1e-4)  # different weights, different scores
 
+    released = [r for r in server.records() if str(r.get("message", "")).startswith("the previous model (version")]
+    assert len(released) == 2 and all("(freed)" in r["message"] for r in released), released  # two swaps
     switched = {r["pid"] for r in server.records() if str(r.get("message", "")).startswith("switched to model version")}
     assert len(switched) == 2, "both Gunicorn front-ends switched"
     metrics = httpx.get(server.url + "/metrics").text

@@ -19,9 +19,11 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 
 from api import __version__
+from api.config import HttpSettings
 from api.engine.pipeline import Classified, Pipeline, Served
 from api.errors import InvalidRequest, NotFound, NotImplementedHere, RequestError
 from api.http.deps import HttpDep, MetricsDep, StateDep, require_admin_key, require_api_key
+from api.http.readiness import ServiceState
 from api.http.schemas import (
     InferResponse,
     ModelLoaded,
@@ -93,11 +95,11 @@ async def ready(state: StateDep) -> dict[str, bool] | JSONResponse:
     return {"ready": True} if state.ready else _unavailable(state.reason)
 
 
-def _served(name: str, version: str | None, state: Any, http: Any) -> tuple[Pipeline, Served]:
+def _served(name: str, version: str | None, state: ServiceState, http: HttpSettings) -> tuple[Pipeline, Served]:
     """The engine serving `name` (and `version`, if given): 404 for another, 503 when not ready."""
     if name != http.served_model_name:
         raise NotFound(f"unknown model {name!r}; this server serves {http.served_model_name!r}")
-    engine: Pipeline = state.require_ready()
+    engine = state.require_ready()
     served = engine.served
     if version is not None and version != served.version:
         raise NotFound(f"model {name!r} has no version {version!r}; it serves version {served.version!r}")
