@@ -19,9 +19,12 @@ import dataclasses
 import gc
 import json
 import logging
+import pickle
 import selectors
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
@@ -34,12 +37,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from api.config import BatchingSettings, ModelSettings
 from api.engine import wire
+from api.engine.cpu import cpu_budget
 from api.engine.device_resize import resize_mode
 from api.engine.figures import EngineFigures
 from api.engine.memory import release_free_memory
 from api.engine.pipeline import BatchRun
 from api.engine.service import Engine
-from api.engine.swap import checkpoint_bytes, device_room, host_room, incompatibility, resolve_checkpoint
+from api.engine.swap import PREPARE_BYTES, checkpoint_bytes, device_room, host_room, incompatibility, resolve_checkpoint
 from api.errors import ModelLoadError, StartupError, first_line
 
 logger = logging.getLogger(__name__)
@@ -355,8 +359,12 @@ class Host:
         try:
             if path is None or not path.exists():
                 raise ModelLoadError(f"no checkpoint at {path}; give a path under the models folder")
-            self._check_room(path)
-            engine = self._start(dataclasses.replace(self.model, checkpoint_path=path))
+            model = dataclasses.replace(self.model, checkpoint_path=path)
+            aside = self._converts_aside(model)
+            self._check_room(path, aside)
+            if aside:
+                self._prepare_aside(model)
+            engine = self._start(model)
         except Exception as error:  # StartupError says why; anything else too: the served model stays
             if not isinstance(error, StartupError):
                 logger.exception("model load failed unexpectedly")
@@ -372,9 +380,27 @@ class Host:
         swap.engine = engine
         self._wake.send(b"!")
 
-    def _check_room(self, path: Path) -> None:
+    def _converts_aside(self, model: ModelSettings) -> bool:
+        """On a CPU the new model may be converted to OpenVINO: seconds of work that would stall the
+        served model's answers here (it holds Python's lock in long stretches), so a process of its
+        own does it first (api/ops/prepare.py, at a lower priority), leaving it in the model cache."""
+        return self.engine.classifier.device.type == "cpu" and model.runtime in ("auto", "openvino")
+
+    def _prepare_aside(self, model: ModelSettings) -> None:
+        threads = cpu_budget(self.batching.num_threads, workers=self.batching.workers).threads
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "api.ops.prepare", str(threads)], input=pickle.dumps(model), check=False
+        )
+        logger.info(
+            "new model prepared in a process of its own in %.2fs (status %d)",
+            time.perf_counter() - started,
+            done.returncode,
+        )
+
+    def _check_room(self, path: Path, aside: bool) -> None:
         weights = checkpoint_bytes(path)
-        rooms = [host_room(weights)]
+        rooms = [host_room(weights, extra=PREPARE_BYTES if aside else 0)]
         device = self.engine.classifier.device
         if device.type == "cuda":
             import torch

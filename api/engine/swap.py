@@ -6,8 +6,9 @@ These are its rules, kept apart so they read (and are tested) as rules:
 
 - which file: the one asked for (relative paths from the configured checkpoint's folder), else
   the configured path read again;
-- room: both models must fit at once, in host memory (MemAvailable and the cgroup's limit) and, on
-  a GPU, in its free memory; refused before loading, with the numbers;
+- room: both models must fit at once, in host memory (MemAvailable and the cgroup's limit; on a CPU
+  also the process that converts the new model first) and, on a GPU, in its free memory; refused
+  before loading, with the numbers;
 - compatible: the same labels in the same order (clients hold indices; the v2 output shape
   [N, C] stays), and an input no larger than the ring slots the front-ends already have.
 """
@@ -25,6 +26,7 @@ MIB = 1024 * 1024
 HOST_COPIES = 3
 DEVICE_COPIES = 2
 HEADROOM_BYTES = 256 * MIB  # activations, warm-up batches, allocator slack
+PREPARE_BYTES = 768 * MIB  # the process that converts the new model first (torch, OpenVINO, one model)
 CGROUP = Path("/sys/fs/cgroup")
 
 
@@ -67,8 +69,8 @@ class Room:
         )
 
 
-def host_room(weights: int, *, meminfo: Path = Path("/proc/meminfo"), cgroup: Path = CGROUP) -> Room:
-    return Room("host", weights * HOST_COPIES + HEADROOM_BYTES, host_free_bytes(meminfo, cgroup))
+def host_room(weights: int, *, extra: int = 0, meminfo: Path = Path("/proc/meminfo"), cgroup: Path = CGROUP) -> Room:
+    return Room("host", weights * HOST_COPIES + HEADROOM_BYTES + extra, host_free_bytes(meminfo, cgroup))
 
 
 def device_room(weights: int, free: int) -> Room:

@@ -293,3 +293,25 @@ def test_the_cli_swaps_back_and_reports(server: ServerProcess, models: dict[str,
     )
     assert wrong_key.returncode == 1 and "401" in wrong_key.stderr
     assert httpx.get(server.url + "/api/v1/model").json()["version"] == version
+
+
+def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
+    models: dict[str, Path], tmp_path: Path, chelsea_jpeg: bytes
+) -> None:
+    """OpenVINO conversion holds Python's lock in long stretches: a swap does it in a separate process
+    (api/ops/prepare.py), and the engine reads the converted model from the cache."""
+    env = {
+        "API_CHECKPOINT_PATH": models["old"],
+        "API_ADMIN_KEY": ADMIN["X-API-Key"],
+        "API_RUNTIME": "openvino",
+        "API_PRECISION": "fp32",
+    }
+    with served_process([CLI, "serve"], tmp_path, **env) as server:
+        answer = _load(server.url, models["new"])
+        assert answer.status_code == 200, answer.text
+        log = server.log()
+        after = log[log.index(f"loading {models['new']} beside") :]
+        assert "new model prepared in a process of its own" in after and "(status 0)" in after
+        assert "OpenVINO model read from the cache" in after and "converted the model to OpenVINO" not in after
+        predicted = httpx.post(server.url + "/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
+        assert predicted.json()["model"]["version"] == answer.json()["version"]

@@ -9,6 +9,7 @@ from api.engine.swap import (
     HEADROOM_BYTES,
     HOST_COPIES,
     MIB,
+    PREPARE_BYTES,
     checkpoint_bytes,
     device_room,
     host_room,
@@ -44,6 +45,9 @@ def test_room_counts_both_models_and_the_containers_limit(tmp_path: Path) -> Non
     tight = host_room(weights, meminfo=meminfo, cgroup=cgroup)
     assert tight.free == 124 * MIB and not tight.fits
     assert "needs about 556 MiB and 124 MiB is free" in tight.refusal()
+    assert (
+        host_room(weights, extra=PREPARE_BYTES, meminfo=meminfo, cgroup=cgroup).needed == tight.needed + PREPARE_BYTES
+    )
     assert not device_room(weights, free=300 * MIB).fits and device_room(weights, free=1024 * MIB).fits
 
 
