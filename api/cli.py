@@ -301,6 +301,11 @@ def cmd_reload(args: argparse.Namespace) -> None:
         f"serving {name} version {answer['version']} (was {answer['previous_version']}) from {answer['checkpoint']}: "
         f"loaded in {answer['load_s']:.2f}s, every front-end switched in {answer['switch_s'] * 1000:.1f} ms\n"
     )
+    if answer.get("frontends_dropped"):
+        sys.stderr.write(
+            f"warning: {answer['frontends_dropped']} front-end(s) did not confirm the switch in time and were "
+            "disconnected (see the server's log); they connect again with the new model\n"
+        )
 
 
 def _add_key_argument(command: argparse.ArgumentParser) -> None:

@@ -76,6 +76,7 @@ class Swap:
     previous: int = 0
     switch_started: float = 0.0
     waiting: set[Frontend] = field(default_factory=set)
+    dropped: int = 0  # front-ends disconnected for not switching in time
 
 
 class RemoteJob:
@@ -242,6 +243,7 @@ class Host:
         selector.register(self._loaded, selectors.EVENT_READ)
         alone_since = time.monotonic()
         while True:
+            self._drop_stuck_frontends(selector)
             for key, _ in selector.select(timeout=0.2):
                 if key.fileobj is self.listener:
                     self._accept(selector)
@@ -296,6 +298,7 @@ class Host:
                 slots = int(json.loads(payload)["slots"])
                 layout = wire.Layout(self.pixel_bytes, len(self.hello["served"]["class_names"]))
                 frontend.ring = wire.Ring(fds[0], slots, layout)
+                wire.room_for_replies(frontend.sock, slots)
             elif kind == wire.METRICS:
                 wire.send(frontend.sock, wire.METRICS, generate_latest(self.registry))
             elif kind == wire.LOAD:
@@ -327,7 +330,10 @@ class Host:
     def _leave(self, selector: selectors.BaseSelector, frontend: Frontend) -> None:
         frontend.closed = True  # its queued jobs are dropped; its ring goes with the last view of it
         selector.unregister(frontend.sock)
-        frontend.sock.close()
+        with contextlib.suppress(OSError):  # wakes an inference thread blocked sending to it
+            frontend.sock.shutdown(socket.SHUT_RDWR)
+        with frontend.lock:  # never closed under a send
+            frontend.sock.close()
         del self.frontends[frontend.sock]
         self.board.clear(frontend.index)
         self._free.append(frontend.index)
@@ -433,6 +439,28 @@ class Host:
         logger.info("switching to model version %s: %d front-ends", swap.engine.served.version, len(swap.waiting))
         self._switched(None)
 
+    def _drop_stuck_frontends(self, selector: selectors.BaseSelector) -> None:
+        """A front-end that has not switched within a request's deadline is stuck (its event loop
+        does not run: any request it still holds for the old model is past its deadline anyway).
+        It is disconnected, so that the old model can retire and the call be answered; it connects
+        again by itself when it runs, and gets the new model."""
+        swap = self._swap
+        if swap is None or not swap.waiting:
+            return
+        late = time.monotonic() - swap.switch_started
+        if late < self.batching.request_timeout_s:
+            return
+        for frontend in list(swap.waiting):
+            reason = (
+                f"front-end {frontend.index} did not confirm the switch to model version {self.engine.served.version} "
+                f"within {late:.1f}s (API_REQUEST_TIMEOUT_S={self.batching.request_timeout_s:g}): disconnected"
+            )
+            logger.warning(reason)
+            with contextlib.suppress(OSError):  # never wait on a front-end that does not read
+                frontend.sock.send(wire.DROPPED_YOU + json.dumps({"reason": reason}).encode(), socket.MSG_DONTWAIT)
+            swap.dropped += 1
+            self._leave(selector, frontend)  # the last one out answers the call
+
     def _switched(self, frontend: Frontend | None) -> None:
         """A front-end switched (or left): once all have, the old model drains and the call is answered."""
         swap = self._swap
@@ -458,6 +486,7 @@ class Host:
             "load_s": round(swap.switch_started - swap.started, 3),
             "switch_s": round(now - swap.switch_started, 4),
             "total_s": round(now - swap.started, 3),
+            "frontends_dropped": swap.dropped,
         }
         logger.info("model version %s serving (was %s)", figures["version"], figures["previous_version"], extra=figures)
         if not swap.requester.closed:
@@ -485,7 +514,7 @@ class Host:
     def _flush(self) -> None:
         for frontend in list(self.frontends.values()):
             with frontend.lock:
-                if not frontend.outbox:
+                if frontend.closed or not frontend.outbox:
                     continue
                 outbox, frontend.outbox = frontend.outbox, []
                 records = np.zeros(len(outbox), dtype=wire.REPLY)

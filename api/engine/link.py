@@ -198,6 +198,7 @@ class EngineLink:
         self._observer = observer
         self.on_switch: Callable[[ModelView], None] = lambda view: None
         self.lost = asyncio.Event()
+        self.lost_reason = "the engine process stopped"
         wire.send_json(sock, wire.ATTACH, {"slots": slots}, fds=(self.ring.fd,))
         asyncio.get_running_loop().add_reader(sock, self._on_readable)
 
@@ -262,9 +263,10 @@ class EngineLink:
         try:
             yield ticket
         finally:
-            with board.lock():
-                board.admitted[me] -= images
-            board.decoding[me] -= images - ticket.queued
+            if not self.lost.is_set():  # once the link is gone the engine has cleared these counts
+                with board.lock():
+                    board.admitted[me] -= images
+                board.decoding[me] -= images - ticket.queued
 
     async def classify(
         self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
@@ -407,6 +409,8 @@ class EngineLink:
                     future.set_result(message[1:])
             elif kind == wire.SWITCH:
                 self._switch(json.loads(message[1:]))
+            elif kind == wire.DROPPED_YOU:
+                self.lost_reason = str(json.loads(message[1:])["reason"])
             elif kind == wire.LOADED:
                 answer = json.loads(message[1:])
                 waiter = self._loads.get(int(answer["token"]))

@@ -35,6 +35,7 @@ import numpy as np
 
 MAX_FRONTENDS = 256
 MAX_MESSAGE = 1 << 16  # records per message are capped to stay under this
+REPLY_MESSAGE_COST = 1024  # what a small message takes from a socket's send buffer (768 measured)
 
 # message kinds (first byte)
 HELLO = b"H"  # engine -> front-end: JSON (what is served, the recipe, the layout) + the board's fd
@@ -47,6 +48,7 @@ LOAD = b"L"  # front-end -> engine: JSON {"token", "checkpoint"}: load a model b
 SWITCH = b"S"  # engine -> front-ends: JSON, the new model (as in HELLO): tag new jobs with its generation
 SWITCHED = b"W"  # front-end -> engine: JSON {"generation"}: switched, and no job for an older one is unsent
 LOADED = b"D"  # engine -> the front-end that asked: JSON {"token", "status", "error" | the swap's figures}
+DROPPED_YOU = b"X"  # engine -> a front-end, before closing its link: JSON {"reason"} (it connects again)
 
 REQUEST = np.dtype(
     [
@@ -86,6 +88,17 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"", fds: tuple[int,
         socket.send_fds(sock, [kind + payload], list(fds))
     else:
         sock.send(kind + payload)
+
+
+def room_for_replies(sock: socket.socket, slots: int) -> None:
+    """Let the engine's socket to a front-end hold a reply for every slot it has, so that a
+    front-end that stops reading (its event loop hangs) never blocks the inference thread: each
+    job takes one slot, and each batch sends a front-end at most one message. The kernel counts
+    a small message as about 768 bytes (the default buffer holds some 270); metrics answers come
+    on top. Capped by net.core.wmem_max, which the defaults stay far under."""
+    want = slots * REPLY_MESSAGE_COST + (1 << 20)
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < want:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want // 2)  # the kernel doubles it
 
 
 def send_json(sock: socket.socket, kind: bytes, data: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

@@ -114,8 +114,8 @@ async def _link_engine(
         else:
             logger.info("engine process connected again: ready")
         await link.lost.wait()
-        state.set_lost("the engine process stopped; restarting it")
-        logger.error("the engine process stopped: answering 503 until it is back")
+        state.set_lost(f"{link.lost_reason}; connecting again")
+        logger.error("lost the engine process (%s): answering 503 until it is back", link.lost_reason)
 
 
 def _switched(view: Any, owner: Owner, metrics: Metrics) -> None:

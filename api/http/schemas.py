@@ -183,3 +183,8 @@ class ModelLoaded(BaseModel):
     load_s: float = Field(description="Loading, checking and warming up the new model beside the old.")
     switch_s: float = Field(description="From the switch to every front-end answering with the new model.")
     total_s: float
+    frontends_dropped: int = Field(
+        0,
+        description="Front-ends disconnected for not confirming the switch within API_REQUEST_TIMEOUT_S "
+        "(their event loop was stuck); each connects again by itself and gets the new model.",
+    )

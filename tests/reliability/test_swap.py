@@ -315,3 +315,76 @@ def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
         assert "OpenVINO model read from the cache" in after and "converted the model to OpenVINO" not in after
         predicted = httpx.post(server.url + "/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
         assert predicted.json()["model"]["version"] == answer.json()["version"]
+
+
+def _ready_workers(server: ServerProcess) -> set[int]:
+    return {r["pid"] for r in server.records() if r.get("event") == "ready"}
+
+
+def _served_by(server: ServerProcess, pid: int, message: str) -> bool:
+    return any(r["pid"] == pid and message in str(r.get("message", "")) for r in server.records())
+
+
+def test_a_stuck_front_end_is_disconnected_and_comes_back_with_the_new_model(
+    models: dict[str, Path], tmp_path: Path, chelsea_jpeg: bytes
+) -> None:
+    """A front-end whose event loop does not run (stopped here with SIGSTOP) cannot confirm the
+    switch. After API_REQUEST_TIMEOUT_S the engine disconnects it: the old model retires and the call
+    is answered, while the other front-end answers throughout; once it runs again it connects again
+    and serves the new model."""
+    metrics = tmp_path / "metrics"
+    metrics.mkdir()
+    env = {
+        "API_CHECKPOINT_PATH": models["old"],
+        "API_ADMIN_KEY": ADMIN["X-API-Key"],
+        "API_RUNTIME": "torch",
+        "API_PRECISION": "fp32",
+        "API_REQUEST_TIMEOUT_S": 2,
+        "WEB_CONCURRENCY": 2,
+        "API_NUM_THREADS": 1,
+        "PROMETHEUS_MULTIPROC_DIR": metrics,
+    }
+    with served_process(GUNICORN, tmp_path, **env) as server:
+        eventually(lambda: len(_ready_workers(server)) == 2, timeout_s=120, what="both front-ends on the engine")
+        stuck, live = sorted(_ready_workers(server))
+        old_version = httpx.get(server.url + "/api/v1/model").json()["version"]
+        os.kill(stuck, signal.SIGSTOP)
+        clients = Clients(server.url, chelsea_jpeg)
+        try:
+            clients.start(v1=2, v2=1)  # connections made now: the live front-end accepts them all
+            clients.wait_for_more()
+            answer = _load(server.url, models["new"])
+            clients.wait_for_more()
+        finally:
+            clients.finish()
+            os.kill(stuck, signal.SIGCONT)
+        assert answer.status_code == 200, answer.text
+        figures = answer.json()
+        assert figures["frontends_dropped"] == 1 and figures["switch_s"] >= 2, figures
+        answers = [a for per_client in clients.answers.values() for a in per_client]
+        assert [a for a in answers if a[0] != 200] == []
+        assert clients.not_ready == []
+        for name, per_client in clients.answers.items():
+            versions = [version for _, version, _ in per_client]
+            seen = [v for i, v in enumerate(versions) if i == 0 or versions[i - 1] != v]
+            assert seen == [old_version, figures["version"]], f"{name}: versions {seen}"
+        assert "did not confirm the switch to model version" in server.log()
+
+        # running again, it finds its link closed (and why), connects again and gets the new model
+        eventually(
+            lambda: _served_by(server, stuck, "engine process connected again"), timeout_s=60, what="reconnected"
+        )
+        assert _served_by(server, stuck, "lost the engine process (front-end")
+        os.kill(live, signal.SIGSTOP)  # so that the next connection is the other front-end's
+        try:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                predicted = client.post("/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
+        finally:
+            os.kill(live, signal.SIGCONT)
+        assert predicted.status_code == 200, predicted.text
+        assert predicted.json()["model"]["version"] == figures["version"]
+        assert _served_by(server, stuck, "POST /api/v1/predict")
+        print(
+            f"stuck front-end: {len(answers)} answers from the other, 0 non-200; call answered after "
+            f"{figures['total_s']}s (switch {figures['switch_s']}s, API_REQUEST_TIMEOUT_S=2)"
+        )
