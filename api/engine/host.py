@@ -298,7 +298,16 @@ class Host:
                 slots = int(json.loads(payload)["slots"])
                 layout = wire.Layout(self.pixel_bytes, len(self.hello["served"]["class_names"]))
                 frontend.ring = wire.Ring(fds[0], slots, layout)
-                wire.room_for_replies(frontend.sock, slots)
+                held = wire.room_for_replies(frontend.sock, slots)
+                if held < slots:
+                    logger.warning(
+                        "the socket to front-end %d holds %d of its %d replies (net.core.wmem_max is too low): "
+                        "if it stops reading, batches wait for it; raise net.core.wmem_max to %d",
+                        frontend.index,
+                        max(held, 0),
+                        slots,
+                        (slots * wire.REPLY_MESSAGE_COST + (1 << 20)) // 2,
+                    )
             elif kind == wire.METRICS:
                 wire.send(frontend.sock, wire.METRICS, generate_latest(self.registry))
             elif kind == wire.LOAD:

@@ -90,15 +90,16 @@ def send(sock: socket.socket, kind: bytes, payload: bytes = b"", fds: tuple[int,
         sock.send(kind + payload)
 
 
-def room_for_replies(sock: socket.socket, slots: int) -> None:
+def room_for_replies(sock: socket.socket, slots: int) -> int:
     """Let the engine's socket to a front-end hold a reply for every slot it has, so that a
     front-end that stops reading (its event loop hangs) never blocks the inference thread: each
     job takes one slot, and each batch sends a front-end at most one message. The kernel counts
     a small message as about 768 bytes (the default buffer holds some 270); metrics answers come
-    on top. Capped by net.core.wmem_max, which the defaults stay far under."""
+    on top. The kernel caps it at twice net.core.wmem_max. Answers how many replies it holds."""
     want = slots * REPLY_MESSAGE_COST + (1 << 20)
     if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < want:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, want // 2)  # the kernel doubles it
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - (1 << 20)) // REPLY_MESSAGE_COST
 
 
 def send_json(sock: socket.socket, kind: bytes, data: dict[str, Any], fds: tuple[int, ...] = ()) -> None:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import numpy as np
+import pytest
+
+from api.engine import wire
 from api.engine.pipeline import Served
 from api.engine.swap import (
     HEADROOM_BYTES,
@@ -69,3 +74,21 @@ def test_the_new_model_must_keep_the_label_set() -> None:
     multi = Served("resnet50", SERVED.class_names, "cpu", "b" * 64, multi_label=True)
     assert "API_MULTI_LABEL" in str(incompatibility(SERVED, multi, input_bytes=10, slot_bytes=10))
     assert "larger than" in str(incompatibility(SERVED, same, input_bytes=11, slot_bytes=10))
+
+
+@pytest.mark.parametrize("slots", [64, 1024, 4096])
+def test_the_engines_socket_holds_a_reply_per_slot_for_a_front_end_that_stops_reading(slots: int) -> None:
+    """A front-end stuck mid-swap reads nothing: every reply the engine owes it (one per slot at
+    most) must fit in the socket without waiting, or the inference thread would block on it."""
+    engine_end, frontend_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    with engine_end, frontend_end:
+        held = wire.room_for_replies(engine_end, slots)
+        limit = int(Path("/proc/sys/net/core/wmem_max").read_text())
+        if held < slots:
+            pytest.skip(f"net.core.wmem_max={limit} is too low for {slots} replies (the engine warns)")
+        reply = wire.REPLIES + np.zeros(1, wire.REPLY).tobytes()
+        for sent in range(slots):
+            try:
+                engine_end.send(reply, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                pytest.fail(f"the socket took {sent} of {slots} replies, not all (it said it holds {held})")
