@@ -9,9 +9,10 @@ returns to its level before the overload. Soak: thousands of predictions, bounde
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
-import time
-from dataclasses import dataclass, field
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -22,64 +23,25 @@ import torch
 
 from api.engine.labels import CAT_BREEDS
 from tests.helpers import CLI, ServerProcess, eventually, served_process
+from tests.loadgen import Outcome, post
 
-PREDICT = "/api/v1/predict"
 MAX_QUEUE = 16
+ROOT = Path(__file__).resolve().parents[2]
 
 
-@dataclass
-class Outcome:
-    statuses: dict[str, int] = field(default_factory=dict)
-    latencies_200: list[float] = field(default_factory=list)
-    missing_retry_after: int = 0
-
-    def add(self, status: str, seconds: float, retry_after: str | None = None) -> None:
-        self.statuses[status] = self.statuses.get(status, 0) + 1
-        if status == "200":
-            self.latencies_200.append(seconds)
-        if status == "503" and not retry_after:
-            self.missing_retry_after += 1
-
-
-async def _post(client: httpx.AsyncClient, url: str, data: bytes, outcome: Outcome) -> None:
-    started = time.perf_counter()
-    try:
-        response = await client.post(url + PREDICT, files={"file": ("cat.jpg", data, "image/jpeg")})
-    except httpx.HTTPError as error:  # no answer at all: the request was lost
-        outcome.add(type(error).__name__, time.perf_counter() - started)
-        return
-    outcome.add(str(response.status_code), time.perf_counter() - started, response.headers.get("retry-after"))
-
-
-async def closed_loop(url: str, data: bytes, *, concurrency: int, seconds: float) -> tuple[Outcome, float]:
-    """`concurrency` clients back to back for `seconds`; returns outcomes and wall time."""
-    outcome = Outcome()
-    limits = httpx.Limits(max_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        started = time.perf_counter()
-
-        async def client_loop() -> None:
-            while time.perf_counter() - started < seconds:
-                await _post(client, url, data, outcome)
-
-        await asyncio.gather(*(client_loop() for _ in range(concurrency)))
-        return outcome, time.perf_counter() - started
-
-
-async def open_loop(url: str, data: bytes, *, rate: float, seconds: float) -> Outcome:
-    """Requests arrive at `rate` per second for `seconds`, whether or not earlier ones were answered."""
-    outcome = Outcome()
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        started = time.perf_counter()
-        tasks = []
-        for i in range(int(rate * seconds)):
-            delay = started + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the arrival schedule, not a wait for the server
-            tasks.append(asyncio.create_task(_post(client, url, data, outcome)))
-        await asyncio.gather(*tasks)
-    return outcome
+def _load(mode: str, url: str, image: Path, **options: float) -> Outcome:
+    """Run the load generator in a process of its own (see tests/loadgen.py) and read its outcome."""
+    flags = [part for name, value in options.items() for part in (f"--{name}", str(value))]
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.loadgen", mode, url, str(image), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return Outcome(**json.loads(done.stdout))
 
 
 @pytest.fixture(scope="module")
@@ -107,14 +69,16 @@ def test_four_times_capacity_sheds_load_and_loses_nothing(
         "LOG_LEVEL": "WARNING",
         "MALLOC_ARENA_MAX": 2,  # as `make run` and the image
     }
+    image = tmp_path / "chelsea.jpg"
+    image.write_bytes(chelsea_jpeg)
     with served_process([CLI, "serve"], tmp_path, **env) as server:
-        measured, wall = asyncio.run(closed_loop(server.url, chelsea_jpeg, concurrency=MAX_QUEUE, seconds=4))
+        measured = _load("closed", server.url, image, concurrency=MAX_QUEUE, seconds=4)
         assert set(measured.statuses) == {"200"}, measured.statuses
-        capacity = len(measured.latencies_200) / wall
+        capacity = len(measured.latencies_200) / measured.wall_s
         baseline_mb = server.rss_mb()
 
         duration = 5.0
-        overload = asyncio.run(open_loop(server.url, chelsea_jpeg, rate=4 * capacity, seconds=duration))
+        overload = _load("open", server.url, image, rate=4 * capacity, seconds=duration)
         sent = sum(overload.statuses.values())
         eventually(lambda: _queue_depth(server) == 0, what="queue drained")
         # memory returns to where it was: freed blocks are kept while busy, handed back after a quiet
@@ -129,7 +93,8 @@ def test_four_times_capacity_sheds_load_and_loses_nothing(
     print(
         f"\ncapacity {capacity:.1f} img/s; overload {4 * capacity:.1f} req/s for {duration:g}s: {overload.statuses}; "
         f"served {ok / duration:.1f} img/s, p50 {statistics.median(overload.latencies_200) * 1000:.0f} ms, "
-        f"p99 {p99 * 1000:.0f} ms; RSS {baseline_mb:.0f} -> {after_mb:.0f} MiB"
+        f"p99 {p99 * 1000:.0f} ms (the client's event loop ran up to {overload.loop_lag_max_s * 1000:.0f} ms "
+        f"late); RSS {baseline_mb:.0f} -> {after_mb:.0f} MiB"
     )
     # every request got an answer, and only these answers
     assert set(overload.statuses) <= {"200", "503", "504"}, overload.statuses
@@ -156,7 +121,7 @@ def test_soak_thousands_of_predictions_with_flat_memory(
             async with httpx.AsyncClient(limits=httpx.Limits(max_connections=8), timeout=60) as client:
                 for start in range(0, total, 8):
                     count = min(8, total - start)
-                    await asyncio.gather(*(_post(client, server.url, chelsea_jpeg, outcome) for _ in range(count)))
+                    await asyncio.gather(*(post(client, server.url, chelsea_jpeg, outcome) for _ in range(count)))
             return outcome
 
         warm = asyncio.run(run(400))  # allocator pools, caches and the first batch shapes settle here
