@@ -76,6 +76,9 @@ _IMAGE_MAGIC: tuple[bytes, ...] = (
 )
 
 
+# The format named for pixels a client decoded itself (the v2 pixels model's UINT8 [N, H, W, 3] input).
+PIXELS_FORMAT = "RGB8"
+
 # What Pillow's decoders raise for a file they cannot read.
 _CORRUPT = (OSError, ValueError, SyntaxError, EOFError)
 
@@ -158,6 +161,15 @@ def decode_image(
             release_after_decode(cost.memory)
             raise InvalidImage(f"corrupt or truncated image: {error}") from None
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, cost=cost)
+
+
+def decoded_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget = DEFAULT_BUDGET) -> DecodedImage:
+    """8-bit RGB pixels (HWC) a client decoded itself: the canvas checked and priced as an upload's is
+    (a raw canvas costs its RGB copy and the resize), then taken as the decoded image."""
+    height, width = pixels.shape[:2]
+    _check_canvas(width, height, max_pixels)
+    cost = budget.check(ImageFacts(PIXELS_FORMAT, "RGB", width, height, width, height))
+    return DecodedImage(image=Image.fromarray(pixels), width=width, height=height, format=PIXELS_FORMAT, cost=cost)
 
 
 def _check_canvas(width: int, height: int, max_pixels: int) -> None:

@@ -47,6 +47,7 @@ from api.engine.pipeline import (
     ImageDescription,
     Served,
     Ticket,
+    Upload,
     outcomes_in_order,
     prepare_upload,
 )
@@ -269,7 +270,7 @@ class EngineLink:
                 board.decoding[me] -= images - ticket.queued
 
     async def classify(
-        self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+        self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
     ) -> Classification:
         view = self.view  # one model for the whole request, even across a swap
         self._unsent[view.generation] += 1
@@ -347,7 +348,7 @@ class EngineLink:
         with contextlib.suppress(OSError):
             wire.send_json(self.sock, wire.SWITCHED, {"generation": generation})
 
-    def _write(self, view: ModelView, data: bytes, slot: int) -> tuple[ImageDescription, int, int, int, int]:
+    def _write(self, view: ModelView, data: Upload, slot: int) -> tuple[ImageDescription, int, int, int, int]:
         info, pixels, needs_resize = prepare_upload(
             data, view.recipe, self.options, reduce_to=view.reduce_to, ship_decoded_bytes=view.ship_decoded_bytes
         )
@@ -356,7 +357,7 @@ class EngineLink:
         return info, slot, height, width, int(needs_resize)
 
     async def _prepare(
-        self, view: ModelView, data: bytes
+        self, view: ModelView, data: Upload
     ) -> tuple[ImageDescription, int, int, int, int] | RequestError:
         if not self._free:
             return Overloaded("over capacity: every slot of this front-end is taken; retry", retry_after_s=1)

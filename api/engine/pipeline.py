@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from api.config import BatchingSettings
-from api.engine.decode import decode_image
+from api.engine.decode import decode_image, decoded_pixels
 from api.engine.memory import release_after_decode
 from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe
 from api.errors import RequestError
@@ -56,6 +56,10 @@ class Classified:
 
 
 Outcome = Classified | RequestError
+
+# What a request hands the pipeline per image: an encoded image file, or 8-bit RGB pixels (H, W, 3)
+# that the client decoded itself; both are resized, cropped and normalized by the model's recipe.
+Upload = bytes | np.ndarray
 
 
 @dataclass(frozen=True)
@@ -153,7 +157,7 @@ class Pipeline(Protocol):
     def admit(self, images: int) -> AbstractContextManager[Ticket]: ...
 
     async def classify(
-        self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+        self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
     ) -> Classification: ...
 
     def describe(self) -> dict[str, Any]: ...
@@ -162,7 +166,7 @@ class Pipeline(Protocol):
 
 
 def prepare_upload(
-    data: bytes,
+    data: Upload,
     recipe: Recipe,
     options: BatchingSettings,
     *,
@@ -174,7 +178,12 @@ def prepare_upload(
     Answers the image's description, its pixels and whether they still need the resize + crop: with
     `ship_decoded_bytes` (the engine resizes on its GPU) a decoded image that fits is sent as is.
     Only the pixels leave: a queued request holds its model input, never its canvas."""
-    decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget)
+    if isinstance(data, np.ndarray):
+        decoded = decoded_pixels(data, max_pixels=options.max_image_pixels, budget=options.decode_budget)
+    else:
+        decoded = decode_image(
+            data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget
+        )
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
     image = decoded.image
     resized_w, resized_h = recipe.resized_size(image.width, image.height)

@@ -35,6 +35,7 @@ from api.engine.pipeline import (
     Classification,
     ImageDescription,
     Ticket,
+    Upload,
     outcomes_in_order,
     prepare_upload,
 )
@@ -134,12 +135,12 @@ class Engine:
         """Reserve room for `images` before reading or decoding them, or 503 (Overloaded)."""
         return self.batcher.admit(images)
 
-    def prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray]:
+    def prepare(self, data: Upload) -> tuple[ImageDescription, np.ndarray]:
         """Decode + the per-image half of preprocessing (in the decode pool)."""
         info, pixels, _ = prepare_upload(data, self.classifier.split, self.options, reduce_to=self._reduce_to)
         return info, pixels
 
-    async def _prepare(self, data: bytes) -> tuple[ImageDescription, np.ndarray] | RequestError:
+    async def _prepare(self, data: Upload) -> tuple[ImageDescription, np.ndarray] | RequestError:
         loop = asyncio.get_running_loop()
         # in the caller's context: its request id on any record the decoder writes
         job = functools.partial(contextvars.copy_context().run, self.prepare, data)
@@ -152,7 +153,7 @@ class Engine:
             self._observer.on_stage("decode", time.perf_counter() - started)
 
     async def classify(
-        self, ticket: Ticket, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+        self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
     ) -> Classification:
         """Admitted uploads -> one outcome each, in order. Decoded concurrently, then classified
         together; a file that fails to decode gets its error, the others their labels. A passed
@@ -170,7 +171,7 @@ class Engine:
         )
 
     async def classify_all(
-        self, uploads: Sequence[bytes], *, top_k: int, deadline: float | None = None
+        self, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
     ) -> Classification:
         """Admit and classify (the CLI's local mode, the bench's ceiling)."""
         with self.admit(len(uploads)) as ticket:

@@ -7,6 +7,9 @@ tensor's elements are each a 4-byte little-endian length and the bytes; in JSON 
 (base64 here: an image file is not text). Answers mirror it: binary outputs follow the JSON header
 when the request asked for them (`binary_data` per output, `binary_data_output` for all).
 
+Two inputs, one per served model name: `image` (BYTES, an encoded image file per element) and
+`pixels` (UINT8 [N, H, W, 3], 8-bit RGB a client decoded itself; binary, or JSON integers).
+
 Pure functions of bytes: the routes (api/http/routes/v2.py) add the model, limits and errors' HTTP
 shape. Malformed requests raise `InvalidRequest` (400) naming what and where.
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,11 +27,26 @@ from typing import Any
 
 import numpy as np
 
+from api.engine.pipeline import Upload
 from api.errors import InvalidRequest, PayloadTooLarge
 
 HEADER_LENGTH = "inference-header-content-length"
-INPUT = "image"
 OUTPUT = "probabilities"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """A model's one input, as its metadata and config describe it."""
+
+    name: str
+    datatype: str
+    shape: list[int]  # -1: any size
+    config_type: str  # Triton's ModelConfig data_type
+    what: str  # for error messages
+
+
+IMAGE = InputSpec("image", "BYTES", [-1], "TYPE_STRING", "one encoded image file per element")
+PIXELS = InputSpec("pixels", "UINT8", [-1, -1, -1, 3], "TYPE_UINT8", "8-bit RGB pixels, shape [N, H, W, 3]")
 
 
 @dataclass(frozen=True)
@@ -40,7 +59,7 @@ class RequestedOutput:
 @dataclass(frozen=True)
 class InferRequest:
     id: str | None
-    images: list[bytes]
+    images: list[Upload]  # encoded files (IMAGE) or (H, W, 3) uint8 arrays, views of the body (PIXELS)
     outputs: list[RequestedOutput]
 
 
@@ -53,9 +72,10 @@ class OutputTensor:
     binary: bool
 
 
-def parse_infer(body: bytes, header_length: str | None, *, max_images: int) -> InferRequest:
-    """An infer request's images and wanted outputs; 400 (InvalidRequest) for anything malformed."""
-    binary = b""
+def parse_infer(body: bytes, header_length: str | None, *, max_images: int, spec: InputSpec = IMAGE) -> InferRequest:
+    """An infer request's images (for the model whose input is `spec`) and wanted outputs; 400
+    (InvalidRequest) for anything malformed, 413 (PayloadTooLarge) for more than `max_images`."""
+    binary = memoryview(b"")  # the body's binary part, not copied: pixels stay views of it
     if header_length is not None:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
             raise InvalidRequest(
@@ -63,7 +83,7 @@ def parse_infer(body: bytes, header_length: str | None, *, max_images: int) -> I
             )
         if int(header_length) == 0:
             raise InvalidRequest("raw binary requests (Inference-Header-Content-Length: 0) are not supported")
-        header_bytes, binary = body[: int(header_length)], body[int(header_length) :]
+        header_bytes, binary = body[: int(header_length)], memoryview(body)[int(header_length) :]
     else:
         header_bytes = body
     try:
@@ -75,8 +95,17 @@ def parse_infer(body: bytes, header_length: str | None, *, max_images: int) -> I
         raise InvalidRequest("the request must be a JSON object with 'inputs'")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
-        raise InvalidRequest(f"the request must have exactly one input, {INPUT!r} (BYTES, one image file per element)")
-    images, used = _images(inputs[0], binary, max_images)
+        raise InvalidRequest(f"the request must have exactly one input, {spec.name!r} ({spec.datatype}, {spec.what})")
+    tensor = inputs[0]
+    if tensor.get("name") != spec.name:
+        raise InvalidRequest(
+            f"unknown input {tensor.get('name')!r}; this model takes one input, {spec.name!r} ({spec.datatype})"
+        )
+    datatype = tensor.get("datatype")
+    if datatype != spec.datatype:
+        raise InvalidRequest(f"input {spec.name!r} must be {spec.datatype} ({spec.what}), not {datatype!r}")
+    read = _pixels if spec is PIXELS else _images
+    images, used = read(tensor, binary, max_images)
     if used != len(binary):
         raise InvalidRequest(f"{len(binary) - used} bytes of binary data follow the inputs' binary_data_size")
     request_id = header.get("id")
@@ -101,12 +130,8 @@ def _flag(parameters: dict[str, Any], name: str, where: str) -> bool:
     return value
 
 
-def _images(tensor: dict[str, Any], binary: bytes, max_images: int) -> tuple[list[bytes], int]:
-    name, datatype, shape = tensor.get("name"), tensor.get("datatype"), tensor.get("shape")
-    if name != INPUT:
-        raise InvalidRequest(f"unknown input {name!r}; this model takes one input, {INPUT!r} (BYTES)")
-    if datatype != "BYTES":
-        raise InvalidRequest(f"input {INPUT!r} must be BYTES (one encoded image file per element), not {datatype!r}")
+def _images(tensor: dict[str, Any], binary: memoryview, max_images: int) -> tuple[list[Upload], int]:
+    shape = tensor.get("shape")
     valid = (
         isinstance(shape, list)
         and len(shape) in (1, 2)
@@ -115,51 +140,100 @@ def _images(tensor: dict[str, Any], binary: bytes, max_images: int) -> tuple[lis
         and shape[1:] in ([], [1])
     )
     if not valid:
-        raise InvalidRequest(f"input {INPUT!r} must have shape [N] or [N, 1] with N >= 1, not {shape!r}")
+        raise InvalidRequest(f"input {IMAGE.name!r} must have shape [N] or [N, 1] with N >= 1, not {shape!r}")
     assert isinstance(shape, list)
-    count = shape[0]
-    if count > max_images:
-        raise PayloadTooLarge(f"{count} images in one request; at most {max_images} (API_MAX_BATCH_FILES)")
+    count = _at_most(shape[0], max_images)
     parameters = _parameters(tensor)
-    size = parameters.get("binary_data_size")
+    size = _binary_size(tensor, IMAGE, binary)
     if size is not None:
-        if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
-            raise InvalidRequest(f"input {INPUT!r}: binary_data_size {size!r} exceeds the {len(binary)} bytes sent")
-        if "data" in tensor:
-            raise InvalidRequest(f"input {INPUT!r} has both binary_data_size and JSON data; send one")
-        images = list(_length_prefixed(binary[:size]))
+        images: list[Upload] = list(_length_prefixed(binary[:size]))
         used = size
     else:
         content_type = parameters.get("content_type", "base64")
         if content_type != "base64":
             raise InvalidRequest(
-                f"input {INPUT!r}: JSON strings must be base64 image files (content_type base64), not {content_type!r}"
+                f"input {IMAGE.name!r}: JSON strings must be base64 image files (content_type base64), "
+                f"not {content_type!r}"
             )
         images = [_base64(item, index) for index, item in enumerate(_flat(tensor.get("data")))]
         used = 0
     if len(images) != count:
-        raise InvalidRequest(f"input {INPUT!r} has shape {shape} but {len(images)} elements")
+        raise InvalidRequest(f"input {IMAGE.name!r} has shape {shape} but {len(images)} elements")
     return images, used
 
 
-def _length_prefixed(data: bytes) -> Iterator[bytes]:
+def _pixels(tensor: dict[str, Any], binary: memoryview, max_images: int) -> tuple[list[Upload], int]:
+    """UINT8 [N, H, W, 3]: binary (N*H*W*3 bytes, row-major) or JSON integers 0-255 (flat or nested).
+    Binary pixels stay views of the body: each image's (H, W, 3) array is copied once, by Pillow."""
+    shape = tensor.get("shape")
+    valid = (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in shape)
+        and shape[3] == 3
+    )
+    if not valid:
+        raise InvalidRequest(
+            f"input {PIXELS.name!r} must have shape [N, H, W, 3] (8-bit RGB, height by width), not {shape!r}"
+        )
+    assert isinstance(shape, list)
+    _at_most(shape[0], max_images)
+    expected = math.prod(shape)
+    size = _binary_size(tensor, PIXELS, binary)
+    if size is not None:
+        if size != expected:
+            raise InvalidRequest(f"input {PIXELS.name!r} of shape {shape} is {expected} bytes, not {size}")
+        return list(np.frombuffer(binary, np.uint8, count=size).reshape(shape)), size
+    data = tensor.get("data")
+    if not isinstance(data, list):
+        raise InvalidRequest(f"input {PIXELS.name!r} has neither 'data' (a list of integers) nor binary_data_size")
+    try:
+        values = np.asarray(data)
+    except ValueError:
+        raise InvalidRequest(f"input {PIXELS.name!r}: 'data' is a ragged list; send {expected} integers") from None
+    if values.size != expected:
+        raise InvalidRequest(f"input {PIXELS.name!r} has shape {shape} but {values.size} values")
+    if values.dtype.kind not in "iu" or values.min() < 0 or values.max() > 255:
+        raise InvalidRequest(f"input {PIXELS.name!r}: 'data' must be integers from 0 to 255")
+    return list(values.astype(np.uint8).reshape(shape)), 0
+
+
+def _at_most(count: int, max_images: int) -> int:
+    if count > max_images:
+        raise PayloadTooLarge(f"{count} images in one request; at most {max_images} (API_MAX_BATCH_FILES)")
+    return count
+
+
+def _binary_size(tensor: dict[str, Any], spec: InputSpec, binary: memoryview) -> int | None:
+    """The input's binary_data_size, checked against the bytes sent; None for JSON data."""
+    size = _parameters(tensor).get("binary_data_size")
+    if size is None:
+        return None
+    if not isinstance(size, int) or isinstance(size, bool) or not 0 <= size <= len(binary):
+        raise InvalidRequest(f"input {spec.name!r}: binary_data_size {size!r} exceeds the {len(binary)} bytes sent")
+    if "data" in tensor:
+        raise InvalidRequest(f"input {spec.name!r} has both binary_data_size and JSON data; send one")
+    return size
+
+
+def _length_prefixed(data: memoryview) -> Iterator[bytes]:
     offset = 0
     while offset < len(data):
         if offset + 4 > len(data):
-            raise InvalidRequest(f"input {INPUT!r}: a BYTES element's 4-byte length is cut off at byte {offset}")
+            raise InvalidRequest(f"input {IMAGE.name!r}: a BYTES element's 4-byte length is cut off at byte {offset}")
         (length,) = struct.unpack_from("<I", data, offset)
         offset += 4
         if offset + length > len(data):
             raise InvalidRequest(
-                f"input {INPUT!r}: a BYTES element of {length} bytes runs past the input's binary_data_size"
+                f"input {IMAGE.name!r}: a BYTES element of {length} bytes runs past the input's binary_data_size"
             )
-        yield data[offset : offset + length]
+        yield bytes(data[offset : offset + length])
         offset += length
 
 
 def _flat(data: Any) -> Iterator[Any]:
     if data is None:
-        raise InvalidRequest(f"input {INPUT!r} has neither 'data' nor binary_data_size")
+        raise InvalidRequest(f"input {IMAGE.name!r} has neither 'data' nor binary_data_size")
     if isinstance(data, list):
         for item in data:
             yield from _flat(item) if isinstance(item, list) else (item,)
@@ -169,11 +243,11 @@ def _flat(data: Any) -> Iterator[Any]:
 
 def _base64(item: Any, index: int) -> bytes:
     if not isinstance(item, str):
-        raise InvalidRequest(f"input {INPUT!r} element {index}: JSON data must be base64 strings")
+        raise InvalidRequest(f"input {IMAGE.name!r} element {index}: JSON data must be base64 strings")
     try:
         return base64.b64decode(item, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidRequest(f"input {INPUT!r} element {index} is not valid base64") from None
+        raise InvalidRequest(f"input {IMAGE.name!r} element {index} is not valid base64") from None
 
 
 def _outputs(requested: Any, binary_default: bool) -> list[RequestedOutput]:

@@ -46,7 +46,10 @@ def test_model_management_needs_the_admin_key(managed: str, tiny_checkpoint: Pat
     admin = {"Authorization": f"Bearer {ADMIN}"}
     version = httpx.get(managed + "/api/v1/model", headers={"X-API-Key": "user-key"}).json()["version"]
     index = httpx.post(managed + "/v2/repository/index", headers=admin)
-    assert index.json() == [{"name": "cat-breeds", "version": version, "state": "READY", "reason": ""}]
+    assert index.json() == [
+        {"name": name, "version": version, "state": "READY", "reason": ""}
+        for name in ("cat-breeds", "cat-breeds-pixels")  # one model, two inputs
+    ]
     unknown = httpx.post(managed + "/v2/repository/models/dogs/load", json={}, headers=admin)
     assert unknown.status_code == 404 and "'dogs'" in unknown.json()["error"]
     garbled = httpx.post(managed + LOAD, content=b"{not json", headers=admin)

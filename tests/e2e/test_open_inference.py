@@ -8,6 +8,7 @@ answers for the same file, because both go down the same engine path.
 from __future__ import annotations
 
 import base64
+import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,20 +17,28 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
+from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from tests.helpers import CLI, served_process
 
 KEY = "v2-test-key"
 MODEL = "cat-breeds"
+PIXELS_MODEL = "cat-breeds-pixels"  # the same model, taking UINT8 [N, H, W, 3] pixels
 MAX_FILES = 4
+MAX_PIXELS = 1_000_000
 
 
 @pytest.fixture(scope="module")
 def server(demo_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cwd = tmp_path_factory.mktemp("v2")
     with served_process(
-        [CLI, "serve"], cwd, API_CHECKPOINT_PATH=demo_dir, API_API_KEY=KEY, API_MAX_BATCH_FILES=MAX_FILES
+        [CLI, "serve"],
+        cwd,
+        API_CHECKPOINT_PATH=demo_dir,
+        API_API_KEY=KEY,
+        API_MAX_BATCH_FILES=MAX_FILES,
+        API_MAX_IMAGE_PIXELS=MAX_PIXELS,
     ) as s:
         yield s.url
 
@@ -55,6 +64,12 @@ def _images(*files: bytes, shape: list[int] | None = None) -> triton.InferInput:
     shape = shape or [len(files)]
     tensor = triton.InferInput("image", shape, "BYTES")
     tensor.set_data_from_numpy(np.array(files, dtype=np.object_).reshape(shape))
+    return tensor
+
+
+def _pixels(batch: np.ndarray, *, binary: bool = True) -> triton.InferInput:
+    tensor = triton.InferInput("pixels", list(batch.shape), "UINT8")
+    tensor.set_data_from_numpy(batch, binary_data=binary)
     return tensor
 
 
@@ -121,6 +136,60 @@ def test_infer_matches_api_v1(
         assert int(np.argmax(row)) == v1["predictions"][0]["index"]
         for label in v1["predictions"]:
             assert row[label["index"]] == pytest.approx(label["score"], rel=1e-6)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_pixels_model_scores_as_the_photo(
+    server: str, client: triton.InferenceServerClient, model: dict, chelsea_jpeg: bytes, binary: bool
+) -> None:
+    """Pixels the client decoded go through the model's own resize, crop and normalization: a photo's
+    pixels score as its file does (v1), and so do its mirror's (sent to v1 as a lossless PNG)."""
+    photo = np.asarray(Image.open(io.BytesIO(chelsea_jpeg)).convert("RGB"))
+    batch = np.stack([photo, photo[:, ::-1]])
+    wanted = [triton.InferRequestedOutput("probabilities", binary_data=binary)]
+    result = client.infer(PIXELS_MODEL, [_pixels(batch, binary=binary)], outputs=wanted, headers=_key())
+    probabilities = result.as_numpy("probabilities")
+    assert probabilities.shape == (2, 1000) and probabilities.dtype == np.float32
+    response = result.get_response()
+    assert response["model_name"] == PIXELS_MODEL and response["model_version"] == model["version"]
+    mirror = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(batch[1])).save(mirror, format="PNG")
+    for row, data in zip(probabilities, (chelsea_jpeg, mirror.getvalue()), strict=True):
+        v1 = _v1(server, data)
+        assert int(np.argmax(row)) == v1["predictions"][0]["index"]
+        for label in v1["predictions"]:
+            assert row[label["index"]] == pytest.approx(label["score"], rel=1e-6)
+    assert not np.allclose(probabilities[0], probabilities[1])  # two images, two answers
+    top = triton.InferRequestedOutput("probabilities", class_count=1)
+    best = client.infer(PIXELS_MODEL, [_pixels(batch[:1])], outputs=[top], headers=_key()).as_numpy("probabilities")
+    assert best[0][0].decode().split(":")[1] == str(int(np.argmax(probabilities[0])))
+
+
+def test_pixels_model_metadata_config_and_refusals(
+    server: str, client: triton.InferenceServerClient, model: dict
+) -> None:
+    assert client.is_model_ready(PIXELS_MODEL, headers=_key())
+    assert client.get_model_metadata(PIXELS_MODEL, headers=_key()) == {
+        "name": PIXELS_MODEL,
+        "versions": [model["version"]],
+        "platform": "pytorch_timm",
+        "inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
+        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, 1000]}],
+    }
+    config = client.get_model_config(PIXELS_MODEL, headers=_key())
+    assert config["input"] == [{"name": "pixels", "data_type": "TYPE_UINT8", "dims": [-1, -1, -1, 3]}]
+    floats = triton.InferInput("pixels", [1, 8, 8, 3], "FP32")
+    floats.set_data_from_numpy(np.zeros((1, 8, 8, 3), np.float32))
+    wrong = _refusal(lambda: client.infer(PIXELS_MODEL, [floats], headers=_key()))
+    assert wrong.status() == "400" and "must be UINT8" in wrong.message()
+    rgba = _refusal(lambda: client.infer(PIXELS_MODEL, [_pixels(np.zeros((1, 8, 8, 4), np.uint8))], headers=_key()))
+    assert rgba.status() == "400" and "[N, H, W, 3]" in rgba.message()
+    files = _refusal(lambda: client.infer(PIXELS_MODEL, [_images(b"\xff\xd8")], headers=_key()))
+    assert files.status() == "400" and "'pixels'" in files.message()
+    huge = np.zeros((1, 1001, 1000, 3), np.uint8)  # one pixel row over API_MAX_IMAGE_PIXELS
+    over = _refusal(lambda: client.infer(PIXELS_MODEL, [_pixels(huge)], headers=_key()))
+    assert over.status() == "413" and "element 0" in over.message() and "API_MAX_IMAGE_PIXELS" in over.message()
+    assert httpx.get(server + "/v2/health/ready").status_code == 200  # still ready
 
 
 def test_classification_extension(client: triton.InferenceServerClient, model: dict, chelsea_jpeg: bytes) -> None:

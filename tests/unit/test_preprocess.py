@@ -212,3 +212,26 @@ def test_alpha_is_composited_as_before(chelsea: Image.Image) -> None:
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     expected = np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
     np.testing.assert_array_equal(np.asarray(to_rgb(rgba)), expected)
+
+
+def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpeg: bytes) -> None:
+    """The v2 pixels model's input: a photo's own pixels give the model input its file gives; the
+    canvas limit and the decode budget hold for pixels as for files."""
+    from api.config import BatchingSettings
+    from api.engine.decode import decoded_pixels
+    from api.engine.decode_budget import DecodeBudget
+    from api.engine.pipeline import prepare_upload
+
+    _, split = _resnet50_split()
+    options = BatchingSettings()
+    _, from_file, _ = prepare_upload(chelsea_jpeg, split, options, reduce_to=None)
+    pixels = np.asarray(Image.open(io.BytesIO(chelsea_jpeg)).convert("RGB"))
+    info, from_pixels, _ = prepare_upload(pixels, split, options, reduce_to=224)
+    np.testing.assert_array_equal(from_pixels, from_file)
+    assert (info.width, info.height, info.format) == (451, 300, "RGB8")
+    with pytest.raises(ImageTooLarge, match="API_MAX_IMAGE_PIXELS"):
+        decoded_pixels(pixels, max_pixels=451 * 300 - 1)
+    canvas = np.zeros((5000, 5000, 3), np.uint8)  # zero pages: priced, never touched
+    with pytest.raises(ImageTooLarge, match="MP or less"):
+        decoded_pixels(canvas, max_pixels=LIMIT, budget=DecodeBudget(5))
+    assert decoded_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT).width == 4000  # 12 MP passes

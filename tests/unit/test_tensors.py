@@ -13,6 +13,7 @@ import tritonclient.http as triton
 from api.errors import InvalidRequest, PayloadTooLarge
 from api.http.tensors import (
     HEADER_LENGTH,
+    PIXELS,
     RequestedOutput,
     classification,
     encode_infer,
@@ -119,6 +120,77 @@ def test_malformed_binary_requests_say_what_is_wrong() -> None:
         parse_infer(body, str(len(body) + 1), max_images=16)
     with pytest.raises(PayloadTooLarge, match="API_MAX_BATCH_FILES"):
         parse_infer(body, length, max_images=1)
+
+
+def _pixels_body(array: np.ndarray, *, binary: bool) -> tuple[bytes, str | None]:
+    pixels = triton.InferInput("pixels", list(array.shape), "UINT8")
+    pixels.set_data_from_numpy(array, binary_data=binary)
+    body, json_size = triton.InferenceServerClient.generate_request_body([pixels])
+    return body, (str(json_size) if json_size is not None else None)
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_reads_tritonclients_pixels(binary: bool) -> None:
+    array = np.random.default_rng(1).integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+    body, length = _pixels_body(array, binary=binary)
+    assert (length is not None) == binary
+    request = parse_infer(body, length, max_images=16, spec=PIXELS)
+    assert len(request.images) == 3
+    for image, expected in zip(request.images, array, strict=True):
+        assert isinstance(image, np.ndarray) and image.dtype == np.uint8 and image.shape == (5, 7, 3)
+        np.testing.assert_array_equal(image, expected)
+    if binary:  # views of the body, not copies
+        assert all(np.shares_memory(image, np.frombuffer(body, np.uint8)) for image in request.images)
+
+
+def test_pixels_json_may_be_nested() -> None:
+    array = np.arange(2 * 2 * 2 * 3, dtype=np.uint8).reshape(2, 2, 2, 3)
+    header = {"inputs": [{"name": "pixels", "datatype": "UINT8", "shape": [2, 2, 2, 3], "data": array.tolist()}]}
+    request = parse_infer(json.dumps(header).encode(), None, max_images=16, spec=PIXELS)
+    np.testing.assert_array_equal(np.stack(request.images), array)  # type: ignore[arg-type]
+
+
+def _pixels_json(shape: object, data: object, datatype: str = "UINT8") -> bytes:
+    return json.dumps({"inputs": [{"name": "pixels", "datatype": datatype, "shape": shape, "data": data}]}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "phrase"),
+    [
+        (_pixels_json([1, 1, 1, 3], [0, 0, 0], "FP32"), "must be UINT8"),
+        (_pixels_json([1, 1, 3], [0, 0, 0]), "shape [N, H, W, 3]"),
+        (_pixels_json([1, 1, 1, 4], [0, 0, 0, 0]), "shape [N, H, W, 3]"),
+        (_pixels_json([1, 0, 1, 3], []), "shape [N, H, W, 3]"),
+        (_pixels_json([1, 1, 1, 3], [0, 0]), "but 2 values"),
+        (_pixels_json([1, 1, 1, 3], [0, 256, 0]), "integers from 0 to 255"),
+        (_pixels_json([1, 1, 1, 3], [0, -1, 0]), "integers from 0 to 255"),
+        (_pixels_json([1, 1, 1, 3], [0.5, 1, 0]), "integers from 0 to 255"),
+        (_pixels_json([1, 1, 1, 3], [True, False, True]), "integers from 0 to 255"),
+        (_pixels_json([1, 1, 1, 3], [[0, 1], [2]]), "ragged"),
+        (_pixels_json([1, 1, 1, 3], None), "neither 'data'"),
+        (_pixels_json([1, 1, 1, 3], ["AAAA"]), "but 1 values"),
+        (
+            json.dumps({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["AA=="]}]}).encode(),
+            "unknown input 'image'; this model takes one input, 'pixels' (UINT8)",
+        ),
+    ],
+)
+def test_malformed_pixels_say_what_is_wrong(body: bytes, phrase: str) -> None:
+    with pytest.raises(InvalidRequest) as raised:
+        parse_infer(body, None, max_images=16, spec=PIXELS)
+    assert phrase in raised.value.message
+
+
+def test_binary_pixels_must_be_the_shapes_bytes() -> None:
+    body, length = _pixels_body(np.zeros((2, 4, 4, 3), np.uint8), binary=True)
+    assert length is not None
+    header = json.loads(body[: int(length)])
+    header["inputs"][0]["shape"] = [2, 4, 5, 3]  # says more pixels than were sent
+    text = json.dumps(header).encode()
+    with pytest.raises(InvalidRequest, match=r"is 120 bytes, not 96"):
+        parse_infer(text + body[int(length) :], str(len(text)), max_images=16, spec=PIXELS)
+    with pytest.raises(PayloadTooLarge, match="API_MAX_BATCH_FILES"):
+        parse_infer(body, length, max_images=1, spec=PIXELS)
 
 
 def test_classification_is_score_index_label_best_first() -> None:

@@ -2,9 +2,11 @@
 Triton's model repository extension for swapping the model.
 
 The same engine path as /api/v1: admission, decode limits, batching, the API key, metrics and logs.
-One model, named API_SERVED_MODEL_NAME, its version the checkpoint's short sha256:
-    input  image          BYTES [N] or [N, 1]: one encoded image file per element
-    output probabilities  FP32 [N, C] in label order; with "classification": k, BYTES [N, min(k, C)]
+One model under two names, its version the checkpoint's short sha256:
+    API_SERVED_MODEL_NAME           input image   BYTES [N] or [N, 1]: one encoded image file per element
+    API_SERVED_MODEL_NAME-pixels    input pixels  UINT8 [N, H, W, 3]: 8-bit RGB the client decoded itself
+    both: output probabilities  FP32 [N, C] in label order; with "classification": k, BYTES [N, min(k, C)]
+Pixels are resized, cropped and normalized by the model's own recipe, as a decoded file is.
 Errors are {"error": "<message>"} (api/http/app.py shapes every error under /v2 that way).
 """
 
@@ -34,7 +36,16 @@ from api.http.schemas import (
     V2Error,
     V2NotReady,
 )
-from api.http.tensors import HEADER_LENGTH, INPUT, OUTPUT, encode_infer, output_tensor, parse_infer
+from api.http.tensors import (
+    HEADER_LENGTH,
+    IMAGE,
+    OUTPUT,
+    PIXELS,
+    InputSpec,
+    encode_infer,
+    output_tensor,
+    parse_infer,
+)
 
 PREFIX = "/v2"
 PLATFORM = "pytorch_timm"
@@ -95,23 +106,37 @@ async def ready(state: StateDep) -> dict[str, bool] | JSONResponse:
     return {"ready": True} if state.ready else _unavailable(state.reason)
 
 
-def _served(name: str, version: str | None, state: ServiceState, http: HttpSettings) -> tuple[Pipeline, Served]:
-    """The engine serving `name` (and `version`, if given): 404 for another, 503 when not ready."""
-    if name != http.served_model_name:
-        raise NotFound(f"unknown model {name!r}; this server serves {http.served_model_name!r}")
+def model_names(http: HttpSettings) -> dict[str, InputSpec]:
+    """The served model's names, each with its input: files, and pixels decoded by the client."""
+    return {http.served_model_name: IMAGE, f"{http.served_model_name}-pixels": PIXELS}
+
+
+def _input(name: str, http: HttpSettings) -> InputSpec:
+    names = model_names(http)
+    if name not in names:
+        raise NotFound(f"unknown model {name!r}; this server serves {' and '.join(map(repr, names))}")
+    return names[name]
+
+
+def _served(
+    name: str, version: str | None, state: ServiceState, http: HttpSettings
+) -> tuple[Pipeline, Served, InputSpec]:
+    """The engine serving `name` (and `version`, if given), and that name's input: 404 for another
+    name or version, 503 when not ready."""
+    spec = _input(name, http)
     engine = state.require_ready()
     served = engine.served
     if version is not None and version != served.version:
         raise NotFound(f"model {name!r} has no version {version!r}; it serves version {served.version!r}")
-    return engine, served
+    return engine, served, spec
 
 
-def _metadata(name: str, served: Served) -> dict[str, Any]:
+def _metadata(name: str, served: Served, spec: InputSpec) -> dict[str, Any]:
     return {
         "name": name,
         "versions": [served.version],
         "platform": PLATFORM,
-        "inputs": [{"name": INPUT, "datatype": "BYTES", "shape": [-1]}],
+        "inputs": [{"name": spec.name, "datatype": spec.datatype, "shape": spec.shape}],
         "outputs": [{"name": OUTPUT, "datatype": "FP32", "shape": [-1, served.num_classes]}],
     }
 
@@ -124,8 +149,8 @@ def _metadata(name: str, served: Served) -> dict[str, Any]:
     responses=_errors(*KEYED),
 )
 async def model_metadata(name: str, state: StateDep, http: HttpDep, version: str | None = None) -> dict[str, Any]:
-    _, served = _served(name, version, state, http)
-    return _metadata(name, served)
+    _, served, spec = _served(name, version, state, http)
+    return _metadata(name, served, spec)
 
 
 @models.get("/{name}/ready", summary="Model ready", response_model=ModelReady, responses=_errors(*KEYED))
@@ -148,13 +173,13 @@ async def model_ready(name: str, state: StateDep, http: HttpDep, version: str | 
 @models.get("/{name}/versions/{version}/config", summary="Model configuration (one version)", responses=_errors(*KEYED))
 async def model_config(name: str, state: StateDep, http: HttpDep, version: str | None = None) -> dict[str, Any]:
     """A minimal Triton ModelConfig: what tritonclient's tools and perf_analyzer read."""
-    _, served = _served(name, version, state, http)
+    _, served, spec = _served(name, version, state, http)
     return {
         "name": name,
         "platform": PLATFORM,
         "backend": "cat-breeds-api",
         "max_batch_size": 0,  # the batch dimension is part of the shapes below
-        "input": [{"name": INPUT, "data_type": "TYPE_STRING", "dims": [-1]}],
+        "input": [{"name": spec.name, "data_type": spec.config_type, "dims": spec.shape}],
         "output": [{"name": OUTPUT, "data_type": "TYPE_FP32", "dims": [-1, served.num_classes]}],
         "version_policy": {"latest": {"num_versions": 1}},
         "dynamic_batching": {},  # requests from every client are batched together
@@ -200,11 +225,11 @@ async def infer(
     """JSON or binary tensor data in (tritonclient's default: JSON header + length-prefixed BYTES, no
     Content-Type); JSON or binary outputs back, as the request asks."""
     deadline = time.monotonic() + http.request_timeout_s
-    engine, _ = _served(name, version, state, http)
+    engine, _, spec = _served(name, version, state, http)
     started = time.perf_counter()
     body = await request.body()
     metrics.on_stage("read", time.perf_counter() - started)
-    wanted = parse_infer(body, request.headers.get(HEADER_LENGTH), max_images=http.max_batch_files)
+    wanted = parse_infer(body, request.headers.get(HEADER_LENGTH), max_images=http.max_batch_files, spec=spec)
     images = len(wanted.images)
     try:
         with engine.admit(images) as ticket:
@@ -215,7 +240,7 @@ async def infer(
     for index, outcome in enumerate(classification.outcomes):
         if isinstance(outcome, RequestError):  # v2 answers a batch whole: the first bad element fails it
             metrics.on_images(outcome.code, images)
-            outcome.message = f"input {INPUT!r} element {index}: {outcome.message}"
+            outcome.message = f"input {spec.name!r} element {index}: {outcome.message}"
             raise outcome
     metrics.on_images("ok", images)
     answered = [outcome for outcome in classification.outcomes if isinstance(outcome, Classified)]
@@ -231,11 +256,14 @@ async def infer(
 
 @repository.post("/index", summary="Repository index", response_model=list[RepositoryEntry], responses=_errors(401))
 async def repository_index(state: StateDep, http: HttpDep) -> list[dict[str, str]]:
+    """Both names of the one model: they are loaded, swapped and ready together."""
     served = state.served
-    entry = {"name": http.served_model_name, "version": served.version if served else ""}
+    version = served.version if served else ""
     if state.ready:
-        return [{**entry, "state": "READY", "reason": ""}]
-    return [{**entry, "state": "UNAVAILABLE" if state.status == "failed" else "LOADING", "reason": state.reason or ""}]
+        status = {"state": "READY", "reason": ""}
+    else:
+        status = {"state": "UNAVAILABLE" if state.status == "failed" else "LOADING", "reason": state.reason or ""}
+    return [{"name": name, "version": version, **status} for name in model_names(http)]
 
 
 @repository.post(
@@ -247,9 +275,9 @@ async def repository_index(state: StateDep, http: HttpDep) -> list[dict[str, str
 async def load_model(name: str, request: Request, state: StateDep, http: HttpDep) -> dict[str, Any]:
     """Load `parameters.checkpoint` (else the configured checkpoint, read again) beside the served
     model, check its labels, warm it up, switch every front-end to it, and answer once switched.
+    Either name swaps the one model both serve.
     400: it cannot serve (the old model keeps serving, the error says why); 409: a load is running."""
-    if name != http.served_model_name:
-        raise NotFound(f"unknown model {name!r}; this server serves {http.served_model_name!r}")
+    _input(name, http)
     checkpoint = _checkpoint_parameter(await request.body())
     engine = state.require_ready()
     reload = getattr(engine, "reload", None)
