@@ -10,7 +10,7 @@ CHECKOV := $(CHECKOV_VENV)/bin/checkov
 CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 
-.PHONY: install run test lint format bench bench-frontend bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test lint format bench bench-frontend bench-protocol bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -65,6 +65,10 @@ bench: $(STAMP)
 # The front-end-bound scenario: no forward pass (API_RUNTIME=null), CPU per image per process.
 bench-frontend: $(STAMP)
 	$(BIN)/python -m bench.frontend
+
+# Front-end CPU per image by protocol (v1 multipart, v2 binary / JSON / batched / pixels) vs decode alone.
+bench-protocol: $(STAMP)
+	$(BIN)/python -m bench.protocol
 
 # A resnet50 swapped under load (Gunicorn, 2 front-ends): answers, versions, latency before/during/after.
 bench-swap: $(STAMP)

@@ -42,8 +42,10 @@ TARGETS = {  # the issue's, for the report
 }
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """A process's CPU seconds (utime + stime), or one of its threads' (`thread`: its tid)."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
@@ -141,25 +143,31 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
 # --- 2. the service over HTTP --------------------------------------------------------------------------
 
 
+def post_script(folder: Path, name: str, body: bytes, headers: dict[str, str]) -> Path:
+    """A wrk script POSTing `body` (any bytes) with `headers` on every request."""
+    (folder / f"{name}.body").write_bytes(body)
+    script = folder / f"{name}.lua"
+    script.write_text(
+        f'wrk.method = "POST"\nlocal f = io.open("{folder / name}.body", "rb")\nwrk.body = f:read("*all")\n'
+        "f:close()\n" + "".join(f'wrk.headers["{key}"] = "{value}"\n' for key, value in headers.items())
+    )
+    return script
+
+
 def wrk_script(folder: Path, jpeg: Path) -> Path:
-    body = folder / f"{jpeg.stem}.body"
+    """/api/v1/predict's multipart upload of `jpeg`."""
     boundary = "catbreedsbench"
-    body.write_bytes(
+    body = (
         f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="cat.jpg"\r\n'
         f"Content-Type: image/jpeg\r\n\r\n".encode()
         + jpeg.read_bytes()
         + f"\r\n--{boundary}--\r\n".encode()
     )
-    script = folder / f"{jpeg.stem}.lua"
-    script.write_text(
-        f'wrk.method = "POST"\nlocal f = io.open("{body}", "rb")\nwrk.body = f:read("*all")\nf:close()\n'
-        f'wrk.headers["Content-Type"] = "multipart/form-data; boundary={boundary}"\n'
-    )
-    return script
+    return post_script(folder, jpeg.stem, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
 def load(
-    server: ServerProcess, script: Path, seconds: float, connections: int
+    server: ServerProcess, script: Path, seconds: float, connections: int, path: str = "/api/v1/predict"
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     command = [
         "wrk",
@@ -168,7 +176,7 @@ def load(
         f"-d{max(1, round(seconds))}s",
         "-s",
         str(script),
-        server.url + "/api/v1/predict",
+        server.url + path,
     ]
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
@@ -176,7 +184,15 @@ def load(
 
 
 def serve_and_measure(
-    checkpoint: Path, script: Path, *, frontends: int, preprocess: str, seconds: float, connections: int, folder: Path
+    checkpoint: Path,
+    script: Path,
+    *,
+    frontends: int,
+    preprocess: str,
+    seconds: float,
+    connections: int,
+    folder: Path,
+    path: str = "/api/v1/predict",
 ) -> dict[str, float]:
     command = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
     env = {
@@ -188,7 +204,7 @@ def serve_and_measure(
     server = ServerProcess(command, run_dir, **env)
     try:
         server.wait_ready(180)
-        load(server, script, 2, connections)  # warm-up
+        load(server, script, 2, connections, path)  # warm-up
         tree = process_tree(server.pid)[1:]
         # the engine serving (a front-end that lost the race to start one leaves a short-lived extra)
         engine = max(engine_pids(server.pid), key=cpu_s)
@@ -196,8 +212,10 @@ def serve_and_measure(
         assert len(workers) == frontends, (workers, frontends)
         before = scrape(server.url)
         cpu0 = {pid: cpu_s(pid) for pid in [*workers, engine]}
-        _, elapsed = load(server, script, seconds, connections)
+        loop0 = sum(cpu_s(pid, pid) for pid in workers)  # each front-end's event loop runs on its main thread
+        _, elapsed = load(server, script, seconds, connections, path)
         cpu1 = {pid: cpu_s(pid) for pid in [*workers, engine]}
+        loop1 = sum(cpu_s(pid, pid) for pid in workers)
         after = scrape(server.url)
     finally:
         server.stop()
@@ -213,6 +231,9 @@ def serve_and_measure(
         "img_s": images / elapsed,
         "errors": non_ok,
         "frontend_ms_per_image": frontend_ms,
+        # of which the event loop (HTTP, the body's framing, routing, the engine link); the rest is
+        # the decode pool's threads (decode, resize + crop, the copy into shared memory)
+        "frontend_loop_ms_per_image": (loop1 - loop0) / max(images, 1) * 1000,
         "engine_ms_per_image": per[engine],
         "cores_busy_servers": busy,
     }
