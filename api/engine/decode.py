@@ -163,13 +163,12 @@ def decode_image(
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, cost=cost)
 
 
-def decoded_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget = DEFAULT_BUDGET) -> DecodedImage:
-    """8-bit RGB pixels (HWC) a client decoded itself: the canvas checked and priced as an upload's is
-    (a raw canvas costs its RGB copy and the resize), then taken as the decoded image."""
+def check_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget = DEFAULT_BUDGET) -> Cost:
+    """8-bit RGB pixels (H, W, 3) a client decoded itself, checked and priced as an upload's canvas
+    is (a raw canvas costs Pillow's RGB copy and the resize): their cost, or 413."""
     height, width = pixels.shape[:2]
     _check_canvas(width, height, max_pixels)
-    cost = budget.check(ImageFacts(PIXELS_FORMAT, "RGB", width, height, width, height))
-    return DecodedImage(image=Image.fromarray(pixels), width=width, height=height, format=PIXELS_FORMAT, cost=cost)
+    return budget.check(ImageFacts(PIXELS_FORMAT, "RGB", width, height, width, height))
 
 
 def _check_canvas(width: int, height: int, max_pixels: int) -> None:

@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from PIL import Image
 
 from api.config import BatchingSettings
-from api.engine.decode import decode_image, decoded_pixels
+from api.engine.decode import PIXELS_FORMAT, check_pixels, decode_image
 from api.engine.memory import release_after_decode
 from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe
 from api.errors import RequestError
@@ -179,20 +180,36 @@ def prepare_upload(
     `ship_decoded_bytes` (the engine resizes on its GPU) a decoded image that fits is sent as is.
     Only the pixels leave: a queued request holds its model input, never its canvas."""
     if isinstance(data, np.ndarray):
-        decoded = decoded_pixels(data, max_pixels=options.max_image_pixels, budget=options.decode_budget)
-    else:
-        decoded = decode_image(
-            data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget
-        )
+        return _prepare_pixels(data, recipe, options, ship_decoded_bytes)
+    decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget)
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
     image = decoded.image
-    resized_w, resized_h = recipe.resized_size(image.width, image.height)
-    bounded = resized_w * resized_h <= EXACT_RESIZE_LIMIT * recipe.crop[0] * recipe.crop[1]
-    if image.width * image.height * 3 <= ship_decoded_bytes and bounded and max(image.size) < 65536:
-        pixels, needs_resize = np.asarray(image.convert("RGB"), dtype=np.uint8), True
+    if _ships(image.width, image.height, recipe, ship_decoded_bytes):
+        pixels, needs_resize = np.asarray(image, dtype=np.uint8), True  # decode_image's images are RGB
     else:
         pixels, needs_resize = recipe.pixels(image), False
     priced = decoded.cost.memory
     del decoded, image
     release_after_decode(priced)
     return info, pixels, needs_resize
+
+
+def _prepare_pixels(
+    pixels: np.ndarray, recipe: Recipe, options: BatchingSettings, ship_decoded_bytes: int
+) -> tuple[ImageDescription, np.ndarray, bool]:
+    """A client's decoded pixels (H, W, 3): checked as an upload's canvas is, then shipped as they are
+    (no copy here) or resized and cropped."""
+    check_pixels(pixels, max_pixels=options.max_image_pixels, budget=options.decode_budget)
+    height, width = pixels.shape[:2]
+    info = ImageDescription(width, height, PIXELS_FORMAT)
+    if _ships(width, height, recipe, ship_decoded_bytes):
+        return info, pixels, True
+    return info, recipe.pixels(Image.fromarray(pixels)), False
+
+
+def _ships(width: int, height: int, recipe: Recipe, ship_decoded_bytes: int) -> bool:
+    """Whether a decoded image goes to the engine as it is (the engine resizes on its GPU): it fits
+    the slot and its resized size stays bounded."""
+    resized_w, resized_h = recipe.resized_size(width, height)
+    bounded = resized_w * resized_h <= EXACT_RESIZE_LIMIT * recipe.crop[0] * recipe.crop[1]
+    return width * height * 3 <= ship_decoded_bytes and bounded and max(width, height) < 65536

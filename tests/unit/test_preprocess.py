@@ -218,7 +218,7 @@ def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpe
     """The v2 pixels model's input: a photo's own pixels give the model input its file gives; the
     canvas limit and the decode budget hold for pixels as for files."""
     from api.config import BatchingSettings
-    from api.engine.decode import decoded_pixels
+    from api.engine.decode import check_pixels
     from api.engine.decode_budget import DecodeBudget
     from api.engine.pipeline import prepare_upload
 
@@ -226,12 +226,17 @@ def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpe
     options = BatchingSettings()
     _, from_file, _ = prepare_upload(chelsea_jpeg, split, options, reduce_to=None)
     pixels = np.asarray(Image.open(io.BytesIO(chelsea_jpeg)).convert("RGB"))
-    info, from_pixels, _ = prepare_upload(pixels, split, options, reduce_to=224)
+    info, from_pixels, resize = prepare_upload(pixels, split, options, reduce_to=224)
     np.testing.assert_array_equal(from_pixels, from_file)
-    assert (info.width, info.height, info.format) == (451, 300, "RGB8")
+    assert (info.width, info.height, info.format, resize) == (451, 300, "RGB8", False)
+    # for an engine that resizes (a GPU's), the file's decoded pixels and the client's ship alike
+    _, shipped_file, _ = prepare_upload(chelsea_jpeg, split, options, reduce_to=None, ship_decoded_bytes=10**6)
+    _, shipped, resize = prepare_upload(pixels, split, options, reduce_to=None, ship_decoded_bytes=10**6)
+    assert resize and shipped.shape == (300, 451, 3)
+    np.testing.assert_array_equal(shipped, shipped_file)
     with pytest.raises(ImageTooLarge, match="API_MAX_IMAGE_PIXELS"):
-        decoded_pixels(pixels, max_pixels=451 * 300 - 1)
+        prepare_upload(pixels, split, BatchingSettings(max_image_pixels=451 * 300 - 1), reduce_to=None)
     canvas = np.zeros((5000, 5000, 3), np.uint8)  # zero pages: priced, never touched
     with pytest.raises(ImageTooLarge, match="MP or less"):
-        decoded_pixels(canvas, max_pixels=LIMIT, budget=DecodeBudget(5))
-    assert decoded_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT).width == 4000  # 12 MP passes
+        check_pixels(canvas, max_pixels=LIMIT, budget=DecodeBudget(5))
+    assert check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT).memory > 0  # 12 MP passes
