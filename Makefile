@@ -67,8 +67,10 @@ bench-frontend: $(STAMP)
 	$(BIN)/python -m bench.frontend
 
 # Front-end CPU per image by protocol (v1 multipart, v2 binary / JSON / batched / pixels) vs decode alone.
+# Then the floor of one call over gRPC and over HTTP (echo servers): would gRPC pay?
 bench-protocol: $(STAMP)
 	$(BIN)/python -m bench.protocol
+	$(BIN)/python -m bench.floors
 
 # A resnet50 swapped under load (Gunicorn, 2 front-ends): answers, versions, latency before/during/after.
 bench-swap: $(STAMP)
