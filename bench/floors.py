@@ -17,7 +17,6 @@ the engine link), which no change of protocol removes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import socket
 import subprocess
@@ -29,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.frontend import cpu_s, post_script, write_inputs
+from bench.frontend import arguments, cpu_s, load, post_script, requests_done, write_inputs
 from bench.protocol import v2_files
 
 SCORES = np.random.default_rng(0).random((1, 67), dtype=np.float32).tobytes()
@@ -127,10 +126,7 @@ def _start(role: str, port: int) -> subprocess.Popen[bytes]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args(argv)
+    args = arguments(__doc__).parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-floors-"))
     _, jpegs = write_inputs(folder)
     jpeg = jpegs["451x300"]
@@ -143,10 +139,9 @@ def main(argv: list[str] | None = None) -> None:
         return int(subprocess.run(drive, capture_output=True, text=True, check=True).stdout)
 
     def http_calls(port: int, seconds: float) -> int:
-        url = f"http://127.0.0.1:{port}{PATH}"
-        wrk = ["wrk", "-t1", f"-c{args.connections}", f"-d{max(1, round(seconds))}s", "-s", str(script), url]
-        out = subprocess.run(wrk, capture_output=True, text=True, check=True).stdout
-        return int(next(line for line in out.splitlines() if "requests in" in line).split()[0])
+        done, _ = load(f"http://127.0.0.1:{port}{PATH}", script, seconds, args.connections)
+        done.check_returncode()
+        return requests_done(done.stdout)
 
     rows = {}
     for name, role, calls in (

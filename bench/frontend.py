@@ -166,21 +166,25 @@ def wrk_script(folder: Path, jpeg: Path) -> Path:
     return post_script(folder, jpeg.stem, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"})
 
 
-def load(
-    server: ServerProcess, script: Path, seconds: float, connections: int, path: str = "/api/v1/predict"
-) -> tuple[subprocess.CompletedProcess[str], float]:
-    command = [
-        "wrk",
-        "-t1",
-        f"-c{connections}",
-        f"-d{max(1, round(seconds))}s",
-        "-s",
-        str(script),
-        server.url + path,
-    ]
+def load(url: str, script: Path, seconds: float, connections: int) -> tuple[subprocess.CompletedProcess[str], float]:
+    """wrk on `url` with `script` for `seconds`: its output and the seconds it took."""
+    command = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script), url]
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)
     return done, time.perf_counter() - started
+
+
+def requests_done(wrk_output: str) -> int:
+    """The requests wrk completed, from its summary ("12345 requests in 8.00s, ...")."""
+    return int(next(line for line in wrk_output.splitlines() if "requests in" in line).split()[0])
+
+
+def arguments(doc: str | None) -> argparse.ArgumentParser:
+    """The benches' shared options: how long each load runs and how many connections it keeps."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--connections", type=int, default=16)
+    return parser
 
 
 def serve_and_measure(
@@ -204,7 +208,7 @@ def serve_and_measure(
     server = ServerProcess(command, run_dir, **env)
     try:
         server.wait_ready(180)
-        load(server, script, 2, connections, path)  # warm-up
+        load(server.url + path, script, 2, connections)  # warm-up
         tree = process_tree(server.pid)[1:]
         # the engine serving (a front-end that lost the race to start one leaves a short-lived extra)
         engine = max(engine_pids(server.pid), key=cpu_s)
@@ -213,7 +217,7 @@ def serve_and_measure(
         before = scrape(server.url)
         cpu0 = {pid: cpu_s(pid) for pid in [*workers, engine]}
         loop0 = sum(cpu_s(pid, pid) for pid in workers)  # each front-end's event loop runs on its main thread
-        _, elapsed = load(server, script, seconds, connections, path)
+        _, elapsed = load(server.url + path, script, seconds, connections)
         cpu1 = {pid: cpu_s(pid) for pid in [*workers, engine]}
         loop1 = sum(cpu_s(pid, pid) for pid in workers)
         after = scrape(server.url)
@@ -240,9 +244,7 @@ def serve_and_measure(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--connections", type=int, default=16)
+    parser = arguments(__doc__)
     parser.add_argument("--skip-http", action="store_true")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-frontend-"))

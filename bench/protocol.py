@@ -23,7 +23,6 @@ must pay for the image). The event loop's share is the most gRPC, or any cheaper
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
@@ -34,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.frontend import post_script, serve_and_measure, write_inputs, wrk_script
+from bench.frontend import arguments, post_script, serve_and_measure, write_inputs, wrk_script
 
 MODEL = "/v2/models/cat-breeds/infer"
 PIXELS_MODEL = "/v2/models/cat-breeds-pixels/infer"
@@ -63,9 +62,7 @@ def v2_pixels(pixels: np.ndarray) -> tuple[bytes, dict[str, str]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8.0)
-    parser.add_argument("--connections", type=int, default=16)
+    parser = arguments(__doc__)
     parser.add_argument("--only", help="comma-separated ways to run (e.g. 'v1 multipart,v2 binary'); default all")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-protocol-"))
@@ -74,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     jpeg = jpeg_path.read_bytes()
     pixels = np.asarray(Image.open(jpeg_path).convert("RGB"))
     multipart = wrk_script(folder, jpeg_path)
-    sizes = {"v1 multipart": (folder / f"{jpeg_path.stem}.body").stat().st_size}
+    sizes = {"v1 multipart": multipart.with_suffix(".body").stat().st_size}
     scripts = {"v1 multipart": ("/api/v1/predict", multipart)}
     for name, path, (body, headers), images in (
         ("v2 binary", MODEL, v2_files(jpeg, 1), 1),
