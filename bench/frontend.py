@@ -103,6 +103,7 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
         records["id"] = np.arange(first_id, first_id + len(slots))
         records["slot"], records["height"], records["width"] = slots, height, width
         records["deadline"] = time.monotonic() + 60
+        records["generation"] = hello["generation"]  # the model the engine serves (jobs for another fail)
         for chunk in wire.chunks(records):
             wire.send(sock, wire.JOBS, chunk)
 
