@@ -120,6 +120,25 @@ class Settings(BaseSettings):
     engine_linger_s: float = Field(
         10.0, ge=0, le=3600, description="How long the engine process outlives its last front-end (a reload's gap)."
     )
+    model_repository: Path | None = Field(
+        None,
+        description="The models folder: a swap (POST /v2/repository/models/{name}/load) loads only checkpoints "
+        "inside it (symlinks resolved; relative paths from it); unset: the folder holding API_CHECKPOINT_PATH.",
+    )
+    model_load_timeout_s: float = Field(
+        300.0,
+        gt=0,
+        le=86400,
+        description="A swap's load that takes longer is abandoned (400) and its process killed; the served "
+        "model answers throughout.",
+    )
+    engine_stall_s: float = Field(
+        8.0,
+        ge=1,
+        le=3600,
+        description="An engine process that says nothing, or finishes no batch while images wait, for this long is "
+        "killed and replaced (its images are sent to the next one). Keep it above the longest forward pass.",
+    )
     heap_keep_mb: int = Field(
         0,
         ge=0,
@@ -226,6 +245,7 @@ class Settings(BaseSettings):
         "api_key_file",
         "admin_key",
         "cache_dir",
+        "model_repository",
         mode="before",
     )
     @classmethod

@@ -21,13 +21,18 @@
         ├── NotImplementedHere       501 not_implemented
         ├── ServiceUnavailable       503 not_ready (with Retry-After)
         │   └── Overloaded           503 overloaded: the queue is full (with Retry-After)
-        └── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
+        ├── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
 
 Startup errors carry one line that names the setting or file, the bad value and the fix.
 Request errors carry a stable `code` for programs and a `message` for people.
 """
 
 from __future__ import annotations
+
+# A process's exit status after a failed start: Gunicorn reads 3 as "worker failed to boot" and stops
+# instead of restarting workers that would fail the same way.
+EXIT_BAD_CONFIG = 2
+EXIT_LOAD_FAILED = 3
 
 
 class CatBreedsError(Exception):
@@ -144,6 +149,11 @@ class ServiceUnavailable(RequestError):
 
 class Overloaded(ServiceUnavailable):
     code = "overloaded"
+
+
+class InferenceFailed(RequestError):
+    status = 500
+    code = "inference_failed"
 
 
 class GatewayTimeout(RequestError):

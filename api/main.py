@@ -12,7 +12,8 @@ from typing import Any
 from fastapi import FastAPI
 
 from api.config import ConfigError, get_settings
-from api.http.app import EXIT_BAD_CONFIG, EXIT_LOAD_FAILED, LoadPolicy, create_app
+from api.errors import EXIT_BAD_CONFIG, EXIT_LOAD_FAILED
+from api.http.app import LoadPolicy, create_app
 from api.logs import configure_logging
 
 __all__ = ["EXIT_BAD_CONFIG", "EXIT_LOAD_FAILED", "LoadPolicy", "app_from_environment", "create_app"]

@@ -17,7 +17,6 @@ On 2 cores img/s measures the machine, not the design; the costs per image are w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import subprocess
@@ -31,6 +30,7 @@ import skimage.data
 import torch
 from PIL import Image
 
+from api.remote import entrypoints
 from tests.support import BIN, ServerProcess, cmdline, engine_pids, parse_metrics, process_tree, scrape
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -69,8 +69,8 @@ def write_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
 
 def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, float]:
     from api.config import load_settings
-    from api.engine import wire
-    from api.engine.link import EngineConfig, EngineSpawner
+    from api.remote import messages, wire
+    from api.remote.frontend.spawner import EngineConfig, EngineSpawner
 
     settings = load_settings(
         checkpoint_path=checkpoint, runtime="null", device="cpu", max_batch_size=64, max_queue=in_flight,
@@ -86,26 +86,31 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
         except ConnectionRefusedError:
             spawner()
             time.sleep(0.05)
-    message, _ = wire.receive(sock)
-    hello = json.loads(message[1:])
-    height, width = hello["recipe"]["crop"]
-    layout = wire.Layout(hello["pixel_bytes"], len(hello["served"]["class_names"]))
+    hello, _ = wire.receive(sock)
+    assert isinstance(hello, messages.Hello), hello
+    height, width = hello.model.recipe.crop
+    layout = wire.Layout(hello.pixel_bytes, hello.model.served.num_classes)
     ring = wire.Ring.create(in_flight, layout)
     rng = np.random.default_rng(0)
     for slot in range(in_flight):
         ring.pixels(slot, height, width)[...] = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    wire.send_json(sock, wire.ATTACH, {"slots": in_flight}, fds=(ring.fd,))
+    wire.send(sock, messages.Attach(in_flight, layout.pixel_bytes, layout.classes), fds=(ring.fd,))
     assert spawner.process is not None
     engine = spawner.process.pid
 
     def send(slots: np.ndarray, first_id: int) -> None:
-        records = np.zeros(len(slots), dtype=wire.REQUEST)
+        records = np.zeros(len(slots), dtype=messages.JOB)
         records["id"] = np.arange(first_id, first_id + len(slots))
         records["slot"], records["height"], records["width"] = slots, height, width
         records["deadline"] = time.monotonic() + 60
-        records["generation"] = hello["generation"]  # the model the engine serves (jobs for another fail)
-        for chunk in wire.chunks(records):
-            wire.send(sock, wire.JOBS, chunk)
+        for message in messages.jobs(hello.model.generation, records):  # the model the engine serves
+            wire.send(sock, message)
+
+    def replies() -> np.ndarray:
+        while True:  # heartbeats come between the replies
+            message, _ = wire.receive(sock)
+            if isinstance(message, messages.Replies):
+                return message.rows()
 
     def run(duration: float) -> tuple[int, float, float]:
         sent = done = 0
@@ -113,21 +118,21 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
         sent = in_flight
         cpu0, began = cpu_s(engine), time.perf_counter()
         while time.perf_counter() - began < duration:
-            message, _ = wire.receive(sock)
-            replies = np.frombuffer(message, wire.REPLY, offset=1)
-            done += len(replies)
-            send(replies["slot"].copy(), sent)
-            sent += len(replies)
+            answered = replies()
+            done += len(answered)
+            send(answered["slot"].copy(), sent)
+            sent += len(answered)
         elapsed, cpu = time.perf_counter() - began, cpu_s(engine) - cpu0
         while done < sent:  # drain what is still in flight
-            message, _ = wire.receive(sock)
-            done += len(np.frombuffer(message, wire.REPLY, offset=1))
+            done += len(replies())
         return done - in_flight, elapsed, cpu
 
     run(1.0)  # warm-up
     images, elapsed, cpu = run(seconds)
-    wire.send(sock, wire.METRICS)
-    figures = parse_metrics(wire.receive(sock)[0][1:].decode())
+    wire.send(sock, messages.MetricsAsk())
+    while not isinstance(message := wire.receive(sock)[0], messages.Metrics):
+        pass
+    figures = parse_metrics(message.text.decode())
     forward_s = figures["cat_breeds_api_inference_duration_seconds_sum"]
     batches = figures["cat_breeds_api_inference_batch_size_count"]
     total = figures["cat_breeds_api_inference_batch_size_sum"]
@@ -213,7 +218,7 @@ def serve_and_measure(
         tree = process_tree(server.pid)[1:]
         # the engine serving (a front-end that lost the race to start one leaves a short-lived extra)
         engine = max(engine_pids(server.pid), key=cpu_s)
-        workers = [p for p in tree if "gunicorn" in cmdline(p) and "api.ops.engine" not in cmdline(p)]
+        workers = [p for p in tree if "gunicorn" in cmdline(p) and entrypoints.ENGINE not in cmdline(p)]
         assert len(workers) == frontends, (workers, frontends)
         before = scrape(server.url)
         cpu0 = {pid: cpu_s(pid) for pid in [*workers, engine]}

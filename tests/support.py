@@ -21,6 +21,8 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.remote import entrypoints
+
 # --- ports and polling -----------------------------------------------------------------------------
 
 
@@ -81,8 +83,8 @@ def cmdline(pid: int) -> str:
 
 
 def engine_pids(pid: int) -> list[int]:
-    """The engine processes (`python -m api.ops.engine`) among `pid`'s descendants."""
-    return [p for p in process_tree(pid)[1:] if "api.ops.engine" in cmdline(p)]
+    """The engine processes (`python -m api.remote.host.main`) among `pid`'s descendants."""
+    return [p for p in process_tree(pid)[1:] if entrypoints.ENGINE in cmdline(p)]
 
 
 def process_tree(pid: int) -> list[int]:

@@ -1,8 +1,8 @@
 """What serves predictions, in types that need no torch.
 
 Two things answer `classify(ticket, uploads)` the same way: `api.engine.service.Engine` (the model
-in this process) and `api.engine.link.EngineLink` (a front-end process's connection to the engine
-process, api/engine/host.py). The HTTP routes, readiness and the CLI see only `Pipeline`, so a
+in this process) and `api.remote.frontend.link.EngineLink` (a front-end process's connection to the engine
+process, api/remote/host/host.py). The HTTP routes, readiness and the CLI see only `Pipeline`, so a
 front-end process never imports torch (tests/reliability/test_frontends.py proves it).
 """
 

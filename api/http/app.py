@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from api import __version__
 from api.config import HttpSettings, Settings
 from api.engine.pipeline import Pipeline
-from api.errors import RequestError, StartupError
+from api.errors import EXIT_LOAD_FAILED, RequestError, StartupError
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.metrics import Metrics, MetricsMiddleware
 from api.http.readiness import ServiceState
@@ -33,11 +33,6 @@ from api.http.routes import health, model, predict, v2
 from api.http.routes.web import add_web_ui
 
 logger = logging.getLogger(__name__)
-
-# Exit status after a failed model load: gunicorn reads 3 as "worker failed to boot" and stops
-# instead of restarting workers that would fail the same way.
-EXIT_LOAD_FAILED = 3
-EXIT_BAD_CONFIG = 2
 
 
 @dataclass(frozen=True)
@@ -79,48 +74,7 @@ def _fail(policy: LoadPolicy) -> None:
         os._exit(EXIT_LOAD_FAILED)
 
 
-async def _link_engine(
-    settings: Settings, state: ServiceState, metrics: Metrics, policy: LoadPolicy, linked: asyncio.Event, owner: Owner
-) -> None:
-    """Process mode: connect to the group's engine process (starting it if none answers), and again
-    whenever it goes away, until this front-end stops. Readiness follows the link."""
-    from api.engine.cpu import cpu_budget
-    from api.engine.link import EngineLink
-
-    batching = settings.batching_group
-    threads = cpu_budget(batching.num_threads, workers=batching.workers).threads
-    first = True
-    while True:
-        try:
-            link = await EngineLink.connect(owner.address, owner.spawner, batching, threads, metrics)
-        except StartupError as error:
-            state.set_failed(str(error))
-            logger.error("model load failed: %s", error)
-            linked.set()
-            _fail(policy)
-            return
-        except ConnectionError as error:  # it died while loading: start the next one
-            logger.warning("engine process lost while loading (%s); starting it again", error)
-            await asyncio.sleep(0.2)
-            continue
-        owner.link = link
-        link.on_switch = lambda view: _switched(view, owner, metrics)
-        state.set_ready(link)
-        linked.set()
-        if first:
-            metrics.load_seconds.set(link.describe().get("load_seconds", 0.0))
-            _log_ready(link, settings)
-            first = False
-        else:
-            logger.info("engine process connected again: ready")
-        await link.lost.wait()
-        state.set_lost(f"{link.lost_reason}; connecting again")
-        logger.error("lost the engine process (%s): answering 503 until it is back", link.lost_reason)
-
-
-def _switched(view: Any, owner: Owner, metrics: Metrics) -> None:
-    """The model was swapped: an engine restarted after a crash serves the new one too."""
-    owner.spawner.follow(view.described["checkpoint_path"])
+def _switched(view: Any, metrics: Metrics) -> None:
     metrics.load_seconds.set(view.described.get("load_seconds", 0.0))
 
 
@@ -134,9 +88,11 @@ class Owner:
     link: Any = None
 
 
-def _owner(settings: Settings) -> Owner:
-    from api.engine import wire
-    from api.engine.link import EngineConfig, EngineSpawner, engine_group
+def _owner(settings: Settings, metrics: Metrics) -> Owner:
+    from api.engine.cpu import cpu_budget
+    from api.remote import wire
+    from api.remote.frontend.link import EngineLink
+    from api.remote.frontend.spawner import EngineConfig, EngineSpawner, engine_group
 
     group, shared = engine_group()
     batching = dataclasses.replace(settings.batching_group, workers=1)  # the engine has the CPUs to itself
@@ -147,10 +103,20 @@ def _owner(settings: Settings) -> Owner:
         settings.log_level,
         settings.log_dir,
         settings.log_format,
+        model_repository=settings.model_repository,
+        load_timeout_s=settings.model_load_timeout_s,
     )
     device = settings.device.replace(":", "")
     address = wire.address(group, device)
-    return Owner(address, EngineSpawner(address, config), exclusive=not shared)
+    spawner = EngineSpawner(address, config)
+    front = settings.batching_group
+    link = EngineLink(
+        front, cpu_budget(front.num_threads, workers=front.workers).threads, metrics, stall_s=settings.engine_stall_s
+    )
+    # an engine restarted after a crash serves the model swapped in last, not the configured one
+    link.on_switch.append(lambda view: spawner.follow(view.described["checkpoint_path"]))
+    link.on_switch.append(lambda view: _switched(view, metrics))
+    return Owner(address, spawner, exclusive=not shared, link=link)
 
 
 def _log_ready(engine: Pipeline, settings: Settings) -> None:
@@ -211,9 +177,26 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
                 if service.engine is not None:
                     await asyncio.to_thread(service.engine.close)
             return
-        owner = app.state.owner = _owner(settings)
+        from api.remote.frontend.supervisor import keep_linked
+
+        owner = app.state.owner = _owner(settings, metrics)
         linked = asyncio.Event()
-        supervisor = asyncio.create_task(_link_engine(settings, service, metrics, load_policy, linked, owner))
+
+        def first(link: Pipeline) -> None:
+            metrics.load_seconds.set(link.describe().get("load_seconds", 0.0))
+            _log_ready(link, settings)
+
+        supervisor = asyncio.create_task(
+            keep_linked(
+                owner.link,
+                owner.address,
+                owner.spawner,
+                service,
+                on_first=first,
+                on_failed=lambda: _fail(load_policy),
+                linked=linked,
+            )
+        )
         if load_policy.accept_after_load:
             await linked.wait()
         try:
@@ -221,8 +204,7 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
         finally:
             service.set_stopping()
             supervisor.cancel()
-            if owner.link is not None:
-                owner.link.close()  # in-flight requests were finished by the server's drain
+            owner.link.close()  # in-flight requests were finished by the server's drain
             if owner.exclusive:  # the engine stops last: it ends once its only front-end has left
                 await asyncio.to_thread(owner.spawner.wait, 30.0)
 

@@ -1,9 +1,10 @@
 """Readiness: what the service can honestly say about itself at any moment.
 
-`loading` until the model is loaded and warmed up, then `ready`; `failed` (with the reason) when
-the load failed; `draining` after SIGTERM (readiness says 503 so load balancers stop sending, while
-predictions are still served); `stopping` once shutdown began. Liveness is separate: the process
-answers.
+`loading` until the model is loaded and warmed up, then `ready`; `recovering` while the engine
+process is replaced (it died or stalled: readiness says 503, while predictions are accepted and wait
+for the next engine within their deadline); `failed` (with the reason) when the load failed;
+`draining` after SIGTERM (readiness says 503 so load balancers stop sending, while predictions are
+still served); `stopping` once shutdown began. Liveness is separate: the process answers.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Literal
 from api.engine.pipeline import Pipeline, Served
 from api.errors import ServiceUnavailable
 
-Status = Literal["loading", "ready", "failed", "draining", "stopping"]
+Status = Literal["loading", "ready", "recovering", "failed", "draining", "stopping"]
 ReadyObserver = Callable[[bool], None]
 
 
@@ -50,18 +51,18 @@ class ServiceState:
 
     def set_ready(self, engine: Pipeline) -> None:
         with self._lock:
-            if self.status in ("loading", "draining"):  # draining: still serve, still close it at the end
+            if self.status in ("loading", "recovering", "draining"):  # draining: still serve, still close it
                 self.engine = engine
-            if self.status == "loading":
+            if self.status in ("loading", "recovering"):
                 self.status, self.reason = "ready", None
         self.on_ready(self.ready)
 
-    def set_lost(self, reason: str) -> None:
-        """What served predictions went away (the engine process died): 503 until it is back."""
+    def set_recovering(self, reason: str) -> None:
+        """The engine process went away (or stalled) and is being replaced: readiness 503, while
+        predictions are still accepted (they wait for the next engine within their deadline)."""
         with self._lock:
-            self.engine = None
             if self.status == "ready":
-                self.status, self.reason = "loading", reason
+                self.status, self.reason = "recovering", reason
         self.on_ready(False)
 
     def set_failed(self, reason: str) -> None:
@@ -83,7 +84,7 @@ class ServiceState:
     def require_ready(self) -> Pipeline:
         """What serves predictions, or a 503 that says why nothing does."""
         engine = self.engine
-        if self.status not in ("ready", "draining") or engine is None:
+        if self.status not in ("ready", "recovering", "draining") or engine is None:
             retry = 5 if self.status == "loading" else 30
             raise ServiceUnavailable(f"model not ready: {self.reason}", retry_after_s=retry)
         return engine

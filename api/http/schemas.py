@@ -104,7 +104,7 @@ class ModelInfo(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["loading", "ready", "failed", "draining", "stopping"]
+    status: Literal["loading", "ready", "recovering", "failed", "draining", "stopping"]
     ready: bool
     reason: str | None = Field(None, description="Why the service is not ready.")
     architecture: str | None = None

@@ -194,7 +194,7 @@ def test_8_prod_gunicorn_workers_serve(make_stack: Callable[..., Stack], chelsea
         assert int(processes) == 3  # the master and WEB_CONCURRENCY=2 workers
         engines = prod.exec(
             "python3", "-c",
-            "import os\nprint(sum(b'api.ops.engine' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))",
+            "import os\nprint(sum(b'api.remote.host.main' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))",
         ).stdout  # fmt: skip
         assert int(engines) == 1  # one engine process holds the model for both workers
         # the README's swap command, in the container: the key from the environment Compose passed in

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from api.engine import wire
-from api.engine.pipeline import Served
 from api.engine.swap import (
     HEADROOM_BYTES,
     HOST_COPIES,
@@ -21,6 +18,9 @@ from api.engine.swap import (
     incompatibility,
     resolve_checkpoint,
 )
+
+from api.engine import wire
+from api.engine.pipeline import Served
 
 SERVED = Served("resnet50", ("abyssinian", "bengal", "birman"), "cpu", "a" * 64)
 

@@ -1,8 +1,8 @@
-"""`python -m api.ops.engine NAME`: the engine process (api/engine/host.py), started by a front-end.
+"""`python -m api.remote.host.main NAME`: the engine process (api/remote/host/host.py), started by a front-end.
 
 The socket is bound before anything heavy is imported: when several front-ends start an engine at
 once, every one but the first ends here at once (status 0), and the front-ends all connect to it.
-The configuration (api.engine.link.EngineConfig) arrives pickled on stdin from the front-end.
+The configuration (api.remote.frontend.spawner.EngineConfig) arrives pickled on stdin from the front-end.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ def main(argv: list[str]) -> int:
     listener.listen(256)
     config = pickle.load(sys.stdin.buffer)
 
-    from api.engine.host import Host
     from api.logs import configure_logging
+    from api.remote.host.host import Host
 
     configure_logging(config.log_level, config.log_dir, config.log_format)
-    return Host(listener, config.model, config.batching, config.linger_s, swapped_in=config.swapped_in).run()
+    return Host(listener, config).run()
 
 
 if __name__ == "__main__":

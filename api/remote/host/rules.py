@@ -1,24 +1,28 @@
 """What a model swap checks before and after loading the new model beside the served one.
 
-The engine process (api/engine/host.py) runs the swap itself: load in a thread while the served
-model keeps answering, check, switch every front-end, retire the old model once it has drained.
-These are its rules, kept apart so they read (and are tested) as rules:
+The swap itself is api/remote/host/swapper.py. These are its rules, kept apart so they read (and are
+tested) as rules:
 
-- which file: the one asked for (relative paths from the configured checkpoint's folder), else
-  the configured path read again;
-- room: both models must fit at once, in host memory (MemAvailable and the cgroup's limit; on a CPU
-  also the process that converts the new model first) and, on a GPU, in its free memory; refused
-  before loading, with the numbers;
+- which file: the one asked for, resolved (symlinks included) inside the models folder (the folder
+  of the configured checkpoint, or API_MODEL_REPOSITORY), relative paths from there; else the
+  configured one again. Only regular files and folders of them: never a device, a FIFO or a socket,
+  and nothing is opened here;
+- room: both models must fit at once, in host memory (MemAvailable and the cgroup's limit; also the
+  process that builds the new model first) and, on a GPU, in its free memory; the size comes from
+  the file system, before a byte is read; refused before loading, with the numbers;
 - compatible: the same labels in the same order (clients hold indices; the v2 output shape
   [N, C] stays), and an input no larger than the ring slots the front-ends already have.
 """
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from api.engine.pipeline import Served
+from api.errors import ModelLoadError
 
 MIB = 1024 * 1024
 # A model in memory next to its checkpoint: the state dict read, the module built from it and a
@@ -30,23 +34,66 @@ PREPARE_BYTES = 768 * MIB  # the process that converts the new model first (torc
 CGROUP = Path("/sys/fs/cgroup")
 
 
-def resolve_checkpoint(requested: str | None, configured: Path | None) -> Path | None:
-    """The file to load: the one asked for, relative to the configured checkpoint's folder (the
-    models volume), or the configured one again."""
+def models_root(configured: Path | None, repository: Path | None) -> Path | None:
+    """The folder a swap may load from: API_MODEL_REPOSITORY, else the folder holding the configured
+    checkpoint (file or timm model folder); None when neither is set."""
+    if repository is not None:
+        return Path(os.path.realpath(repository))
+    if configured is not None:
+        return Path(os.path.realpath(configured)).parent
+    return None
+
+
+def vet_checkpoint(requested: str | None, configured: Path | None, root: Path | None) -> Path:
+    """The checkpoint a swap loads, resolved: `requested` inside `root` (relative paths from there),
+    or the configured one again. Raises ModelLoadError (answered 400) naming the folder otherwise."""
     if not requested:
-        return configured
-    path = Path(requested).expanduser()
-    if not path.is_absolute():
-        base = configured.parent if configured is not None and configured.is_file() else configured
-        path = (base or Path.cwd()) / path
-    return path
+        if configured is None:
+            raise ModelLoadError("no checkpoint is configured (API_CHECKPOINT_PATH); name the one to load")
+        return _regular(Path(os.path.realpath(configured)), configured, root=None)
+    if root is None:
+        raise ModelLoadError(
+            "a swap loads checkpoints from the models folder, and none is set: set API_MODEL_REPOSITORY "
+            "(or API_CHECKPOINT_PATH, whose folder is the models folder)"
+        )
+    asked = Path(requested).expanduser()
+    resolved = Path(os.path.realpath(asked if asked.is_absolute() else root / asked))
+    if not resolved.is_relative_to(root):
+        raise ModelLoadError(f"{requested} is outside the models folder {root}; put the checkpoint there")
+    return _regular(resolved, asked, root=root)
+
+
+def _regular(resolved: Path, asked: Path, *, root: Path | None) -> Path:
+    """`resolved` if it is a regular file, or a folder holding only regular files (inside `root`)."""
+    try:
+        mode = os.stat(resolved).st_mode
+    except FileNotFoundError:
+        raise ModelLoadError(f"no checkpoint at {asked}; give a path under the models folder {root}") from None
+    except OSError as error:
+        raise ModelLoadError(f"cannot read {asked}: {error.strerror}") from None
+    if stat.S_ISDIR(mode):
+        for folder, _, names in os.walk(resolved):
+            for name in names:
+                inner = Path(os.path.realpath(Path(folder) / name))
+                if root is not None and not inner.is_relative_to(root):
+                    raise ModelLoadError(f"{Path(folder) / name} leads outside the models folder {root}")
+                _regular(inner, Path(folder) / name, root=root)
+        return resolved
+    if not stat.S_ISREG(mode):
+        raise ModelLoadError(f"{asked} is {_kind(mode)}, not a checkpoint file or folder")
+    return resolved
+
+
+def _kind(mode: int) -> str:
+    kinds = {stat.S_ISCHR: "a character device", stat.S_ISBLK: "a block device", stat.S_ISFIFO: "a FIFO"}
+    return next((name for test, name in kinds.items() if test(mode)), "a socket" if stat.S_ISSOCK(mode) else "special")
 
 
 def checkpoint_bytes(path: Path) -> int:
-    """The weights' size on disk (a timm folder: every file in it)."""
+    """The weights' size on disk, from the file system (a timm folder: every file in it); nothing is read."""
     if path.is_dir():
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.exists() else 0
+    return path.stat().st_size if path.is_file() else 0
 
 
 @dataclass(frozen=True)

@@ -1,16 +1,10 @@
-"""The wire between front-end processes and the engine process: shared memory and a control socket.
+"""The wire between front-end processes and the engine process: a control socket and shared memory.
 
     front-end                                      engine (one per device)
-    ring (memfd, its own): slots of pixels -> read in place by the batch; scores written back
-    JOBS  [id, slot, height, width, deadline,  ->  one record per image, many per message
-           generation]
-                                               <-  REPLIES [id, slot, status, batch size, times]
-    LOAD [checkpoint]                          ->  a new model loads beside the served one
-                                               <-  SWITCH [the new model, its generation] (to all)
-    SWITCHED [generation]                      ->  once no job for the older model is unsent
-                                               <-  LOADED (to the caller, once every front-end switched)
-    board (memfd, the engine's): admitted and still-decoding images per front-end (admission
-    over all front-ends under one lock; "more is on its way" for the batcher)
+    ring (memfd, its own): slots of pixels     ->  read in place by the batch; scores written back
+    board (memfd, the engine's): admitted and  <-> admission over all front-ends under one lock;
+      still-decoding images per front-end          "more is on its way" for the batcher
+    messages (api/remote/messages.py)          <-> over the socket below
 
 The control socket is a Unix SOCK_SEQPACKET socket in the abstract namespace (no file, nothing to
 clean up, private to the host or pod): every message arrives whole, and the memfds travel over it
@@ -22,59 +16,20 @@ from __future__ import annotations
 
 import array
 import fcntl
-import json
 import mmap
 import os
 import socket
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
+from api.remote.messages import MAX_MESSAGE, MalformedMessage, Message, decode, encode
+
 MAX_FRONTENDS = 256
-MAX_MESSAGE = 1 << 16  # records per message are capped to stay under this
 REPLY_MESSAGE_COST = 1024  # what a small message takes from a socket's send buffer (768 measured)
-
-# message kinds (first byte)
-HELLO = b"H"  # engine -> front-end: JSON (what is served, the recipe, the layout) + the board's fd
-FAILED_LOAD = b"F"  # engine -> front-end: the load failed; JSON {"error": ...}
-ATTACH = b"A"  # front-end -> engine: JSON {"slots": n} + the ring's fd
-JOBS = b"J"  # front-end -> engine: REQUEST records
-REPLIES = b"R"  # engine -> front-end: REPLY records
-METRICS = b"M"  # front-end -> engine: asks; engine -> front-end: its Prometheus exposition
-LOAD = b"L"  # front-end -> engine: JSON {"token", "checkpoint"}: load a model beside the served one
-SWITCH = b"S"  # engine -> front-ends: JSON, the new model (as in HELLO): tag new jobs with its generation
-SWITCHED = b"W"  # front-end -> engine: JSON {"generation"}: switched, and no job for an older one is unsent
-LOADED = b"D"  # engine -> the front-end that asked: JSON {"token", "status", "error" | the swap's figures}
-DROPPED_YOU = b"X"  # engine -> a front-end, before closing its link: JSON {"reason"} (it connects again)
-
-REQUEST = np.dtype(
-    [
-        ("id", "<u8"),
-        ("slot", "<u4"),
-        ("height", "<u2"),
-        ("width", "<u2"),
-        ("deadline", "<f8"),
-        ("resize", "u1"),
-        ("_", "V3"),
-        ("generation", "<u4"),  # the model the pixels were prepared for, and that must answer them
-    ]
-)
-REPLY = np.dtype(
-    [
-        ("id", "<u8"),
-        ("slot", "<u4"),
-        ("status", "u1"),
-        ("_", "V1"),
-        ("size", "<u2"),
-        ("forward_s", "<f4"),
-        ("queued_s", "<f4"),
-        ("__", "V8"),
-    ]
-)
-OK, DROPPED, FAILED = 0, 1, 2
 ABANDONED = 1  # a ring slot's state byte: its front-end gave up waiting; the engine skips it
 
 
@@ -83,11 +38,35 @@ def address(group: str, device: str) -> str:
     return f"\0cat-breeds-api/{os.getuid()}/{group}/{device}"
 
 
-def send(sock: socket.socket, kind: bytes, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, message: Message, fds: tuple[int, ...] = (), *, flags: int = 0) -> None:
+    """One message (and descriptors) as one datagram; `flags=socket.MSG_DONTWAIT` never waits for room."""
+    data = encode(message)
     if fds:
-        socket.send_fds(sock, [kind + payload], list(fds))
+        socket.send_fds(sock, [data], list(fds), flags)
     else:
-        sock.send(kind + payload)
+        sock.send(data, flags)
+
+
+def receive(sock: socket.socket, *, wait: bool = True) -> tuple[Message | None, list[int]]:
+    """One message and the descriptors that came with it; None when the peer has gone. Without
+    `wait`, BlockingIOError when none is there; MalformedMessage for bytes of another protocol.
+    (socket.recv_fds ignores its flags in Python 3.11.)"""
+    data, ancillary, flags, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(16), 0 if wait else socket.MSG_DONTWAIT)
+    fds = array.array("i")
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    if not data:
+        return None, list(fds)
+    if flags & socket.MSG_TRUNC:
+        raise MalformedMessage(f"a message longer than {MAX_MESSAGE} bytes")
+    return decode(data), list(fds)
+
+
+def peer_pid(sock: socket.socket) -> int:
+    """The process at the other end of a Unix socket (the kernel's SO_PEERCRED)."""
+    pid, _, _ = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+    return int(pid)
 
 
 def room_for_replies(sock: socket.socket, slots: int) -> int:
@@ -102,27 +81,6 @@ def room_for_replies(sock: socket.socket, slots: int) -> int:
     return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) - (1 << 20)) // REPLY_MESSAGE_COST
 
 
-def send_json(sock: socket.socket, kind: bytes, data: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
-    send(sock, kind, json.dumps(data).encode(), fds)
-
-
-def receive(sock: socket.socket, *, wait: bool = True) -> tuple[bytes, list[int]]:
-    """One message and the descriptors that came with it; b"" when the peer has gone. Without
-    `wait`, BlockingIOError when none is there. (socket.recv_fds ignores its flags in Python 3.11.)"""
-    message, ancillary, _, _ = sock.recvmsg(MAX_MESSAGE, socket.CMSG_LEN(4), 0 if wait else socket.MSG_DONTWAIT)
-    fds = array.array("i")
-    for level, kind, data in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
-    return message, list(fds)
-
-
-def chunks(records: np.ndarray) -> Iterator[bytes]:
-    per = max(1, (MAX_MESSAGE - 1) // records.dtype.itemsize)
-    for start in range(0, len(records), per):
-        yield records[start : start + per].tobytes()
-
-
 def _memfd(name: str, size: int) -> int:
     fd = os.memfd_create(name, os.MFD_CLOEXEC)
     os.ftruncate(fd, size)
@@ -131,7 +89,7 @@ def _memfd(name: str, size: int) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """A ring's slot size, set by the engine: the largest image it takes, then the scores."""
+    """A ring's slot size: the largest image it takes (at least what the engine asks), then the scores."""
 
     pixel_bytes: int
     classes: int
@@ -147,6 +105,8 @@ class Ring:
     def __init__(self, fd: int, slots: int, layout: Layout):
         self.fd, self.slots, self.layout = fd, slots, layout
         self._header = (slots + 63) // 64 * 64
+        if os.fstat(fd).st_size < self._header + slots * layout.slot_bytes:  # reading past it: SIGBUS
+            raise ValueError(f"the ring's memory is smaller than {slots} slots of {layout.slot_bytes} bytes")
         self._map = mmap.mmap(fd, self._header + slots * layout.slot_bytes)
         self.state = np.frombuffer(self._map, np.uint8, slots)
         self._data = np.frombuffer(self._map, np.uint8, offset=self._header)

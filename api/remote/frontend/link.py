@@ -1,0 +1,596 @@
+"""A front-end process's side of the engine process: admit, decode, ship pixels, await answers.
+
+`EngineLink` is a `Pipeline` (api/engine/pipeline.py) like the in-process `Engine`, and imports no
+torch: it decodes uploads in its own pool with the recipe the engine sent (api/engine/recipe.py),
+writes the pixels into its ring slot, sends one job record per image and resolves each request's
+futures from the engine's replies (read by the event loop, `add_reader`).
+
+It lives as long as the front-end; engine processes come and go under it (the supervisor,
+api/remote/frontend/supervisor.py, connects it to each). Its ring, its admitted images and every
+job not yet answered outlive an engine:
+- jobs in flight when the engine dies are sent again to the next one if their deadline allows,
+  at most once: a job in flight at two deaths is answered 503 (it may be what kills the engine);
+- requests that arrive meanwhile decode as usual and wait for the next engine within their
+  deadline (readiness says 503 meanwhile, so a load balancer steers away);
+- an engine that says nothing, or finishes no batch while jobs wait, for API_ENGINE_STALL_S is
+  reported by `stalled` and killed by the supervisor (`kill_engine`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import functools
+import itertools
+import logging
+import os
+import signal
+import socket
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from api.config import BatchingSettings
+from api.engine.pipeline import (
+    BatchRun,
+    Classification,
+    ImageDescription,
+    Served,
+    StageObserver,
+    Ticket,
+    Upload,
+    outcomes_in_order,
+    prepare_upload,
+)
+from api.engine.recipe import Recipe
+from api.errors import (
+    GatewayTimeout,
+    InferenceFailed,
+    ModelLoadRefused,
+    Overloaded,
+    RequestError,
+    ServiceUnavailable,
+)
+from api.remote import entrypoints, wire
+from api.remote.messages import (
+    DROPPED,
+    JOB,
+    OK,
+    Attach,
+    Dropped,
+    Heartbeat,
+    Hello,
+    Load,
+    Loaded,
+    MalformedMessage,
+    Metrics,
+    MetricsAsk,
+    ModelOffer,
+    Replies,
+    Switch,
+    Switched,
+    jobs,
+)
+
+logger = logging.getLogger(__name__)
+
+MAX_RING_SLOTS = 4096
+Answer = tuple[np.ndarray, BatchRun, Served]
+
+
+@dataclass(frozen=True)
+class ModelView:
+    """One model the engine serves, as a front-end needs it: read once per request, so the pixels,
+    the labels and the version in an answer all belong to the model that produced its scores."""
+
+    epoch: int  # which engine process (connection) offered it
+    generation: int
+    served: Served
+    recipe: Recipe
+    reduce_to: int | None
+    ship_decoded_bytes: int
+    described: dict[str, Any]
+
+    @classmethod
+    def offered(cls, epoch: int, offer: ModelOffer) -> ModelView:
+        return cls(
+            epoch,
+            offer.generation,
+            offer.served,
+            offer.recipe,
+            offer.reduce_to,
+            offer.ship_decoded_bytes,
+            offer.described,
+        )
+
+    def prepares_like(self, other: ModelView) -> bool:
+        """Pixels prepared for `other` are right for this model, and its labels are the same."""
+        return self.recipe == other.recipe and self.served.class_names == other.served.class_names
+
+
+@dataclass(eq=False)
+class PendingJob:
+    """One image in its ring slot, until the engine answers it."""
+
+    id: int
+    slot: int
+    height: int
+    width: int
+    resize: int
+    deadline: float
+    ring: wire.Ring
+    future: asyncio.Future[Answer]
+    deaths: int = 0  # engine processes that ended with it in flight
+
+
+@dataclass(frozen=True)
+class Connection:
+    """One engine process, as this front-end is connected to it."""
+
+    sock: socket.socket
+    board: wire.Board
+    index: int  # this front-end's row on the board
+    pid: int
+
+
+@dataclass
+class _Liveness:
+    heard_at: float = 0.0  # the engine's last message of any kind
+    progress: int = -1  # its batch counter, as its last heartbeat said
+    progress_at: float = 0.0  # when it last finished a batch (or our wait began)
+
+
+class EngineLink:
+    def __init__(self, options: BatchingSettings, decode_threads: int, observer: StageObserver, *, stall_s: float):
+        self.options = options
+        self.stall_s = stall_s
+        self.view: ModelView | None = None
+        self.connection: Connection | None = None
+        self.ring: wire.Ring | None = None
+        self.max_queue = options.max_queue
+        self._free: deque[int] = deque()
+        self._waiting: dict[int, PendingJob] = {}  # sent to the engine, not answered yet
+        self._replay: list[PendingJob] = []  # in flight when the engine ended: for the next one
+        self._admitted = 0  # images admitted here and not answered (mirrored on the board)
+        self._decoding = 0  # of those, images not queued yet
+        self._metrics: deque[asyncio.Future[bytes]] = deque()
+        self._loads: dict[int, asyncio.Future[Loaded]] = {}
+        self._unsent: Counter[tuple[int, int]] = Counter()  # requests per (epoch, generation) not sent yet
+        self._switching: int | None = None  # a generation to confirm once no older job is unsent
+        self._ids = itertools.count(1)
+        self._epochs = itertools.count(1)
+        self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
+        self._observer = observer
+        self._liveness = _Liveness()
+        self._closed = False
+        self.on_switch: list[Callable[[ModelView], None]] = []
+        self.linked = asyncio.Event()  # connected to an engine that serves
+        self.lost = asyncio.Event()  # the connection ended (the supervisor waits for this)
+        self.lost_reason = "the engine process stopped"
+
+    @property
+    def served(self) -> Served:
+        assert self.view is not None, "no engine has been connected yet"
+        return self.view.served
+
+    # --- engines coming and going (the supervisor) --------------------------------------------------
+
+    def attach(self, sock: socket.socket, hello: Hello, board: wire.Board) -> None:
+        """Serve through a newly connected engine: hand it the ring, mirror our admitted images on its
+        board, and send it the jobs the last one left unanswered."""
+        view = ModelView.offered(next(self._epochs), hello.model)
+        previous = self.view
+        classes = view.served.num_classes
+        ring = self.ring
+        if ring is None or ring.layout.pixel_bytes < hello.pixel_bytes or ring.layout.classes != classes:
+            self._give_up_replays("the restarted engine serves a model of another shape")
+            slots = min(2 * hello.max_queue, MAX_RING_SLOTS)  # abandoned slots stay taken until answered
+            ring = self.ring = wire.Ring.create(slots, wire.Layout(hello.pixel_bytes, classes))
+            self._free = deque(range(slots))
+        elif previous is not None and not view.prepares_like(previous):
+            self._give_up_replays("the restarted engine serves another model")
+        self.view, self.max_queue = view, hello.max_queue
+        self.connection = connection = Connection(sock, board, hello.index, wire.peer_pid(sock))
+        self._switching = None
+        wire.send(sock, Attach(ring.slots, ring.layout.pixel_bytes, classes), fds=(ring.fd,))
+        with board.lock():
+            board.admitted[connection.index] = self._admitted
+        board.decoding[connection.index] = self._decoding
+        now = time.monotonic()
+        self._liveness = _Liveness(heard_at=now, progress_at=now)
+        self.lost.clear()
+        asyncio.get_running_loop().add_reader(sock, self._on_readable, connection)
+        replay, self._replay = [job for job in self._replay if not self._settled(job)], []
+        if replay:
+            logger.warning("sending %d images again: they were in flight when the last engine ended", len(replay))
+            self._send(replay)
+        self.linked.set()
+
+    def stalled(self, now: float) -> str | None:
+        """Why the connected engine counts as stalled (None: it does not): it said nothing for
+        API_ENGINE_STALL_S, or finished no batch for that long while our jobs waited."""
+        if self.connection is None:
+            return None
+        live = self._liveness
+        if now - live.heard_at > self.stall_s:
+            return f"the engine process said nothing for {now - live.heard_at:.1f}s"
+        if self._waiting and now - live.progress_at > self.stall_s:
+            waited = now - live.progress_at
+            return f"the engine process finished no batch for {waited:.1f}s while {len(self._waiting)} images waited"
+        return None
+
+    def kill_engine(self, reason: str) -> None:
+        """Kill the connected engine process (it stalled) and let go of it; the jobs it held are sent
+        again to the next one."""
+        connection = self.connection
+        if connection is None:
+            return
+        if entrypoints.ENGINE in _cmdline(connection.pid):  # never another process that took its pid
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(connection.pid, signal.SIGKILL)
+        self._lose(f"{reason}: killed it (pid {connection.pid})")
+
+    def close(self) -> None:
+        """Leave the engine (it ends once no front-end is connected) and stop the decode pool; what
+        still waits for an engine is answered 503."""
+        self._closed = True
+        self._lose("the service is shutting down")
+        self._give_up_replays("the service is shutting down")
+        self.linked.set()  # wakes requests waiting for an engine: they find none and answer 503
+        self._decoder.shutdown(wait=True)
+
+    # --- Pipeline ----------------------------------------------------------------------------------
+
+    def describe(self) -> dict[str, Any]:
+        assert self.view is not None, "no engine has been connected yet"
+        return {**self.view.described, "inference": "process"}
+
+    @contextmanager
+    def admit(self, images: int) -> Iterator[Ticket]:
+        """Reserve room for `images` over all front-ends, or refuse with 503 (API_MAX_QUEUE). With no
+        engine connected (it is restarting), over this front-end's own images."""
+        connection = self.connection
+        if connection is not None:
+            with connection.board.lock():
+                self._check_room(connection.board.in_progress(), images)
+                self._admitted += images
+                connection.board.admitted[connection.index] = self._admitted
+        else:
+            self._check_room(self._admitted, images)
+            self._admitted += images
+        self._decoded(-images)
+        ticket = Ticket()
+        try:
+            yield ticket
+        finally:
+            self._admitted -= images
+            connection = self.connection
+            if connection is not None:
+                with connection.board.lock():
+                    connection.board.admitted[connection.index] = self._admitted
+            self._decoded(images - ticket.queued)
+
+    def _check_room(self, in_progress: int, images: int) -> None:
+        if in_progress + images > self.max_queue:
+            raise Overloaded(
+                f"over capacity: {in_progress} images in progress (API_MAX_QUEUE={self.max_queue}); retry",
+                retry_after_s=1,
+            )
+
+    def _decoded(self, images: int) -> None:
+        """`images` fewer are decoding (negative: more)."""
+        self._decoding -= images
+        if self.connection is not None:
+            self.connection.board.decoding[self.connection.index] = self._decoding
+
+    async def classify(
+        self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
+    ) -> Classification:
+        view = self.view  # one model for the whole request, even across a swap
+        assert view is not None, "no engine has been connected yet"
+        deadline = deadline or time.monotonic() + self.options.request_timeout_s
+        key = (view.epoch, view.generation)
+        self._unsent[key] += 1
+        try:
+            prepared = await asyncio.gather(*(self._prepare(view, data, deadline) for data in uploads))
+            prepared_at = time.perf_counter()
+            good = [item for item in prepared if not isinstance(item, RequestError)]
+            pending = [job for _, job in good]
+            if pending:
+                try:
+                    await self._engine_within(deadline, view)
+                except RequestError:
+                    for job in pending:
+                        self._release(job)
+                    raise
+                self._send(pending)
+                ticket.queued += len(pending)
+                self._decoded(len(pending))
+        finally:
+            self._unsent[key] -= 1
+            if not self._unsent[key]:
+                del self._unsent[key]
+            self._confirm_switch()
+        try:
+            answers = await asyncio.wait_for(
+                asyncio.gather(*(job.future for job in pending)), timeout=max(deadline - time.monotonic(), 0)
+            )
+        except TimeoutError:
+            self._abandon(pending)
+            raise GatewayTimeout(
+                f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})"
+            ) from None
+        infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
+        served = answers[-1][2] if answers else view.served
+        outcomes = outcomes_in_order(infos, [(s, run) for s, run, _ in answers], served, self._observer, top_k)
+        return Classification(outcomes, prepared_at, served)
+
+    async def _engine_within(self, deadline: float, view: ModelView) -> None:
+        """An engine to send to, waiting for one (restarting) until `deadline`; 503 when none came, or
+        when the one that came serves a model the pixels were not prepared for."""
+        if not self.linked.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.linked.wait(), timeout=max(deadline - time.monotonic(), 0))
+        if self.connection is None or self._closed:
+            raise ServiceUnavailable(
+                "model not ready: the engine process is restarting and was not back within the request "
+                f"deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})",
+                retry_after_s=1,
+            )
+        current = self.view
+        if current is not None and current.epoch != view.epoch and not current.prepares_like(view):
+            raise ServiceUnavailable("the restarted engine process serves another model; retry", retry_after_s=1)
+
+    def _send(self, pending: list[PendingJob]) -> None:
+        connection, view = self.connection, self.view
+        assert connection is not None and view is not None
+        if not self._waiting:
+            self._liveness.progress_at = time.monotonic()  # the wait for a batch starts now
+        records = np.zeros(len(pending), dtype=JOB)
+        for row, job in enumerate(pending):
+            records[row] = (job.id, job.slot, job.height, job.width, job.deadline, job.resize, b"")
+            self._waiting[job.id] = job
+        try:
+            for message in jobs(view.generation, records):
+                wire.send(connection.sock, message)
+        except OSError:  # the engine is gone: these are in flight at its end like the rest
+            self._lose(self.lost_reason)
+
+    def _abandon(self, pending: list[PendingJob]) -> None:
+        """Their caller gave up: the engine skips them (their slots come back with its answer)."""
+        for job in pending:
+            if job.id in self._waiting and job.ring is self.ring:
+                job.ring.state[job.slot] = wire.ABANDONED
+            elif job in self._replay:
+                self._replay.remove(job)
+                self._release(job)
+
+    # --- a model swap (api/remote/host/swapper.py does it; every front-end follows) -----------------
+
+    async def reload(self, checkpoint: str | None) -> dict[str, Any]:
+        """Have the engine load `checkpoint` (None: the configured one again) beside the served model
+        and switch every front-end to it. Answers once the switch is done, with its figures; raises
+        `ModelLoadRefused` (with the status the engine chose: 409 busy, 400 unusable) otherwise."""
+        connection = self.connection
+        if connection is None:
+            raise _engine_gone()
+        token = next(self._ids)
+        future: asyncio.Future[Loaded] = asyncio.get_running_loop().create_future()
+        self._loads[token] = future
+        wire.send(connection.sock, Load(token, checkpoint))
+        try:
+            answer = await future
+        finally:
+            self._loads.pop(token, None)
+        if answer.status != 200 or answer.figures is None:
+            raise ModelLoadRefused(answer.error or "refused", status=answer.status)
+        return msgspec.structs.asdict(answer.figures)
+
+    def _switch(self, offer: ModelOffer) -> None:
+        assert self.view is not None
+        self.view = ModelView.offered(self.view.epoch, offer)
+        self._switching = offer.generation
+        logger.info("switched to model version %s (generation %d)", offer.served.version, offer.generation)
+        self._confirm_switch()
+        for listener in self.on_switch:
+            listener(self.view)
+
+    def _confirm_switch(self) -> None:
+        """Tell the engine once no job for an older model can still come from here."""
+        generation, connection, view = self._switching, self.connection, self.view
+        if generation is None or connection is None or view is None:
+            return
+        if any(epoch == view.epoch and older < generation for epoch, older in self._unsent):
+            return
+        self._switching = None
+        with contextlib.suppress(OSError):
+            wire.send(connection.sock, Switched(generation))
+
+    # --- decoding ------------------------------------------------------------------------------------
+
+    def _write(
+        self, view: ModelView, data: Upload, ring: wire.Ring, slot: int
+    ) -> tuple[ImageDescription, int, int, int]:
+        info, pixels, needs_resize = prepare_upload(
+            data, view.recipe, self.options, reduce_to=view.reduce_to, ship_decoded_bytes=view.ship_decoded_bytes
+        )
+        height, width = pixels.shape[:2]
+        ring.pixels(slot, height, width)[...] = pixels
+        return info, height, width, int(needs_resize)
+
+    async def _prepare(
+        self, view: ModelView, data: Upload, deadline: float
+    ) -> tuple[ImageDescription, PendingJob] | RequestError:
+        ring = self.ring
+        if ring is None or not self._free:
+            return Overloaded("over capacity: every slot of this front-end is taken; retry", retry_after_s=1)
+        slot = self._free.popleft()
+        loop = asyncio.get_running_loop()
+        job = functools.partial(contextvars.copy_context().run, self._write, view, data, ring, slot)
+        started = time.perf_counter()
+        try:
+            info, height, width, resize = await loop.run_in_executor(self._decoder, job)
+        except RequestError as error:
+            self._free_slot(ring, slot)
+            return error
+        except BaseException:
+            self._free_slot(ring, slot)
+            raise
+        finally:
+            self._observer.on_stage("decode", time.perf_counter() - started)
+        return info, PendingJob(next(self._ids), slot, height, width, resize, deadline, ring, loop.create_future())
+
+    def _free_slot(self, ring: wire.Ring, slot: int) -> None:
+        if ring is self.ring:  # a slot of a ring given up (another model's shape) is gone with it
+            ring.state[slot] = 0
+            self._free.append(slot)
+
+    def _release(self, job: PendingJob) -> None:
+        self._free_slot(job.ring, job.slot)
+
+    def _settled(self, job: PendingJob) -> bool:
+        """Its caller has its answer or gave up: its slot comes back."""
+        if job.future.done():
+            self._release(job)
+            return True
+        if job.deadline <= time.monotonic():
+            job.future.set_exception(GatewayTimeout("the request deadline passed while the engine restarted"))
+            self._release(job)
+            return True
+        return False
+
+    async def engine_metrics(self, timeout_s: float = 2.0) -> bytes:
+        """The engine process's own exposition (batch sizes, forward time, queue depth, GPU memory)."""
+        connection = self.connection
+        if connection is None:
+            return b""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._metrics.append(future)
+        wire.send(connection.sock, MetricsAsk())
+        try:
+            return await asyncio.wait_for(future, timeout_s)
+        except TimeoutError:
+            return b""
+
+    # --- the engine's messages (the event loop's reader) ---------------------------------------------
+
+    def _on_readable(self, connection: Connection) -> None:
+        while connection is self.connection:
+            try:
+                message, fds = wire.receive(connection.sock, wait=False)
+            except BlockingIOError:
+                return
+            except MalformedMessage as error:
+                self.kill_engine(f"the engine process sent {error}")
+                return
+            except OSError:
+                message, fds = None, []
+            for fd in fds:
+                os.close(fd)
+            if message is None:
+                self._lose(self.lost_reason)
+                return
+            now = time.monotonic()
+            self._liveness.heard_at = now
+            if isinstance(message, Replies):
+                self._liveness.progress_at = now
+                self._answer(message.rows())
+            elif isinstance(message, Heartbeat):
+                if message.progress != self._liveness.progress:
+                    self._liveness.progress, self._liveness.progress_at = message.progress, now
+            elif isinstance(message, Metrics) and self._metrics:
+                waiter = self._metrics.popleft()
+                if not waiter.done():
+                    waiter.set_result(message.text)
+            elif isinstance(message, Switch):
+                self._switch(message.model)
+            elif isinstance(message, Dropped):
+                self.lost_reason = message.reason
+            elif isinstance(message, Loaded):
+                load = self._loads.get(message.token)
+                if load is not None and not load.done():
+                    load.set_result(message)
+
+    def _answer(self, records: np.ndarray) -> None:
+        view = self.view
+        assert view is not None
+        for record in records:
+            job = self._waiting.pop(int(record["id"]), None)
+            if job is None:
+                continue
+            status = int(record["status"])
+            if not job.future.done():
+                if status == OK:
+                    run = BatchRun(int(record["size"]), float(record["forward_s"]), float(record["queued_s"]))
+                    job.future.set_result((job.ring.scores(job.slot).copy(), run, view.served))
+                elif status == DROPPED:
+                    job.future.set_exception(GatewayTimeout("the request deadline passed before its forward pass"))
+                else:
+                    job.future.set_exception(InferenceFailed("the forward pass failed (see the engine's log)"))
+            self._release(job)
+
+    def _lose(self, reason: str) -> None:
+        """The engine is gone: what it held in flight is kept for the next one (once), and what waited
+        on it answers."""
+        connection = self.connection
+        if connection is None:
+            return
+        self.connection = None
+        self.linked.clear()
+        with contextlib.suppress(RuntimeError):  # no running loop: closed from a thread
+            asyncio.get_running_loop().remove_reader(connection.sock)
+        connection.sock.close()
+        for job in self._waiting.values():
+            if job.future.done():
+                self._release(job)
+                continue
+            job.deaths += 1
+            if job.deaths >= 2:
+                job.future.set_exception(
+                    ServiceUnavailable(
+                        "the engine process ended twice with this image in flight: it is not sent again (it may be "
+                        "what ends it)",
+                        retry_after_s=1,
+                    )
+                )
+                self._release(job)
+            else:
+                job.ring.state[job.slot] = 0
+                self._replay.append(job)
+        self._waiting.clear()
+        for waiter in self._metrics:
+            if not waiter.done():
+                waiter.set_result(b"")
+        self._metrics.clear()
+        for load in self._loads.values():
+            if not load.done():
+                load.set_exception(_engine_gone())
+        self.lost_reason = reason
+        self.lost.set()
+
+    def _give_up_replays(self, reason: str) -> None:
+        for job in self._replay:
+            if not job.future.done():
+                job.future.set_exception(ServiceUnavailable(f"{reason}; retry", retry_after_s=1))
+            self._release(job)
+        self._replay = []
+
+
+def _engine_gone() -> ServiceUnavailable:
+    return ServiceUnavailable("model not ready: the engine process stopped; it is being restarted", retry_after_s=1)
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
