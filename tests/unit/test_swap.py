@@ -1,13 +1,19 @@
-"""A model swap's rules: which file, whether both models fit, whether the new one can take over."""
+"""A model swap's rules: which file (confined to the models folder, never a device or a FIFO), whether
+both models fit, whether the new one can take over."""
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
-from api.engine.swap import (
+
+from api.engine.pipeline import Served
+from api.errors import ModelLoadError
+from api.remote import messages, wire
+from api.remote.host.rules import (
     HEADROOM_BYTES,
     HOST_COPIES,
     MIB,
@@ -16,23 +22,80 @@ from api.engine.swap import (
     device_room,
     host_room,
     incompatibility,
-    resolve_checkpoint,
+    models_root,
+    vet_checkpoint,
 )
-
-from api.engine import wire
-from api.engine.pipeline import Served
 
 SERVED = Served("resnet50", ("abyssinian", "bengal", "birman"), "cpu", "a" * 64)
 
 
-def test_relative_paths_are_read_from_the_configured_checkpoints_folder(tmp_path: Path) -> None:
-    configured = tmp_path / "fold_0" / "best_model.pt"
-    configured.parent.mkdir()
-    configured.write_bytes(b"x")
-    assert resolve_checkpoint("fold_1.pt", configured) == tmp_path / "fold_0" / "fold_1.pt"
-    assert resolve_checkpoint("/elsewhere/m.pt", configured) == Path("/elsewhere/m.pt")
-    assert resolve_checkpoint(None, configured) == configured  # the configured one, read again
-    assert resolve_checkpoint("v2", tmp_path) == tmp_path / "v2"  # a timm model folder
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    """A models folder: the configured checkpoint, another one, a timm model folder, and traps."""
+    models = tmp_path / "models"
+    (models / "fold_0").mkdir(parents=True)
+    (models / "fold_0" / "best_model.pt").write_bytes(b"x")
+    (models / "fold_1.pt").write_bytes(b"y")
+    (models / "v2").mkdir()
+    (models / "v2" / "model.safetensors").write_bytes(b"z")
+    os.mkfifo(models / "fifo")
+    (models / "zero.pt").symlink_to("/dev/zero")
+    (models / "passwd.pt").symlink_to("/etc/passwd")
+    (models / "inside.pt").symlink_to(models / "fold_1.pt")
+    (tmp_path / "secret.pt").write_bytes(b"s")
+    (models / "leaky").mkdir()
+    (models / "leaky" / "model.safetensors").symlink_to(tmp_path / "secret.pt")
+    return models
+
+
+def test_the_models_folder_is_the_repository_else_the_configured_checkpoints_folder(folder: Path) -> None:
+    assert models_root(folder / "fold_0" / "best_model.pt", None) == folder / "fold_0"
+    assert models_root(folder / "v2", None) == folder  # a timm model folder: the folder holding it
+    assert models_root(folder / "fold_0" / "best_model.pt", folder) == folder
+    assert models_root(None, None) is None
+
+
+def test_checkpoints_resolve_inside_the_models_folder(folder: Path) -> None:
+    configured = folder / "fold_0" / "best_model.pt"
+    assert vet_checkpoint("fold_1.pt", configured, folder) == folder / "fold_1.pt"  # relative: from the folder
+    assert vet_checkpoint(str(folder / "fold_1.pt"), configured, folder) == folder / "fold_1.pt"
+    assert vet_checkpoint("v2", configured, folder) == folder / "v2"  # a timm model folder
+    assert vet_checkpoint("inside.pt", configured, folder) == folder / "fold_1.pt"  # a symlink that stays inside
+    assert vet_checkpoint("fold_0/../fold_1.pt", configured, folder) == folder / "fold_1.pt"
+    assert vet_checkpoint(None, configured, folder) == configured  # the configured one, read again
+
+
+@pytest.mark.parametrize(
+    ("requested", "why"),
+    [
+        ("/dev/zero", "outside the models folder"),
+        ("/dev/urandom", "outside the models folder"),
+        ("/etc/passwd", "outside the models folder"),
+        ("/proc/self/environ", "outside the models folder"),
+        ("../../../../etc/passwd", "outside the models folder"),
+        ("fold_0/../../secret.pt", "outside the models folder"),
+        ("zero.pt", "outside the models folder"),  # a symlink out: resolved first
+        ("passwd.pt", "outside the models folder"),
+        ("leaky", "leads outside the models folder"),  # a folder with a file linking out
+        ("fifo", "is a FIFO"),  # never opened: opening a FIFO would wait for a writer
+        ("missing.pt", "no checkpoint at missing.pt"),
+    ],
+)
+def test_anything_else_is_refused_before_a_byte_is_read(folder: Path, requested: str, why: str) -> None:
+    with pytest.raises(ModelLoadError, match=why) as refused:
+        vet_checkpoint(requested, folder / "fold_0" / "best_model.pt", folder)
+    if "outside" in why:
+        assert str(folder) in str(refused.value)  # it names the folder
+
+
+def test_a_device_inside_the_models_folder_is_refused(folder: Path) -> None:
+    with pytest.raises(ModelLoadError, match="character device"):
+        vet_checkpoint("/dev/null", None, Path("/dev"))
+
+
+def test_without_a_models_folder_a_swap_needs_one(folder: Path) -> None:
+    with pytest.raises(ModelLoadError, match="API_MODEL_REPOSITORY"):
+        vet_checkpoint("fold_1.pt", None, None)
 
 
 def test_room_counts_both_models_and_the_containers_limit(tmp_path: Path) -> None:
@@ -60,6 +123,10 @@ def test_checkpoint_size_counts_a_folders_files(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / "config.json").write_bytes(b"{}")
     assert checkpoint_bytes(tmp_path) == 1002 and checkpoint_bytes(tmp_path / "config.json") == 2
+    sparse = tmp_path / "sparse.pt"
+    with sparse.open("wb") as file:
+        file.truncate(20 << 30)  # 20 GiB that take no disk: its size comes from the file system, unread
+    assert checkpoint_bytes(sparse) == 20 << 30
 
 
 def test_the_new_model_must_keep_the_label_set() -> None:
@@ -86,7 +153,7 @@ def test_the_engines_socket_holds_a_reply_per_slot_for_a_front_end_that_stops_re
         limit = int(Path("/proc/sys/net/core/wmem_max").read_text())
         if held < slots:
             pytest.skip(f"net.core.wmem_max={limit} is too low for {slots} replies (the engine warns)")
-        reply = wire.REPLIES + np.zeros(1, wire.REPLY).tobytes()
+        reply = messages.encode(messages.Replies(np.zeros(1, messages.REPLY).tobytes()))
         for sent in range(slots):
             try:
                 engine_end.send(reply, socket.MSG_DONTWAIT)

@@ -29,9 +29,9 @@ import signal
 import socket
 import time
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,6 +61,9 @@ from api.errors import (
     ServiceUnavailable,
 )
 from api.remote import entrypoints, wire
+from api.remote.frontend.admission import Admission
+from api.remote.frontend.inflight import InFlight, PendingJob
+from api.remote.frontend.liveness import Liveness
 from api.remote.messages import (
     DROPPED,
     JOB,
@@ -84,7 +87,6 @@ from api.remote.messages import (
 logger = logging.getLogger(__name__)
 
 MAX_RING_SLOTS = 4096
-Answer = tuple[np.ndarray, BatchRun, Served]
 
 
 @dataclass(frozen=True)
@@ -117,21 +119,6 @@ class ModelView:
         return self.recipe == other.recipe and self.served.class_names == other.served.class_names
 
 
-@dataclass(eq=False)
-class PendingJob:
-    """One image in its ring slot, until the engine answers it."""
-
-    id: int
-    slot: int
-    height: int
-    width: int
-    resize: int
-    deadline: float
-    ring: wire.Ring
-    future: asyncio.Future[Answer]
-    deaths: int = 0  # engine processes that ended with it in flight
-
-
 @dataclass(frozen=True)
 class Connection:
     """One engine process, as this front-end is connected to it."""
@@ -142,26 +129,15 @@ class Connection:
     pid: int
 
 
-@dataclass
-class _Liveness:
-    heard_at: float = 0.0  # the engine's last message of any kind
-    progress: int = -1  # its batch counter, as its last heartbeat said
-    progress_at: float = 0.0  # when it last finished a batch (or our wait began)
-
-
 class EngineLink:
     def __init__(self, options: BatchingSettings, decode_threads: int, observer: StageObserver, *, stall_s: float):
         self.options = options
-        self.stall_s = stall_s
         self.view: ModelView | None = None
         self.connection: Connection | None = None
         self.ring: wire.Ring | None = None
-        self.max_queue = options.max_queue
         self._free: deque[int] = deque()
-        self._waiting: dict[int, PendingJob] = {}  # sent to the engine, not answered yet
-        self._replay: list[PendingJob] = []  # in flight when the engine ended: for the next one
-        self._admitted = 0  # images admitted here and not answered (mirrored on the board)
-        self._decoding = 0  # of those, images not queued yet
+        self.in_flight = InFlight(release=self._release)
+        self.admission = Admission(options.max_queue)
         self._metrics: deque[asyncio.Future[bytes]] = deque()
         self._loads: dict[int, asyncio.Future[Loaded]] = {}
         self._unsent: Counter[tuple[int, int]] = Counter()  # requests per (epoch, generation) not sent yet
@@ -170,7 +146,7 @@ class EngineLink:
         self._epochs = itertools.count(1)
         self._decoder = ThreadPoolExecutor(max_workers=decode_threads, thread_name_prefix="decode")
         self._observer = observer
-        self._liveness = _Liveness()
+        self.liveness = Liveness(stall_s)
         self._closed = False
         self.on_switch: list[Callable[[ModelView], None]] = []
         self.linked = asyncio.Event()  # connected to an engine that serves
@@ -192,24 +168,21 @@ class EngineLink:
         classes = view.served.num_classes
         ring = self.ring
         if ring is None or ring.layout.pixel_bytes < hello.pixel_bytes or ring.layout.classes != classes:
-            self._give_up_replays("the restarted engine serves a model of another shape")
+            self.in_flight.give_up("the restarted engine serves a model of another shape")
             slots = min(2 * hello.max_queue, MAX_RING_SLOTS)  # abandoned slots stay taken until answered
             ring = self.ring = wire.Ring.create(slots, wire.Layout(hello.pixel_bytes, classes))
             self._free = deque(range(slots))
         elif previous is not None and not view.prepares_like(previous):
-            self._give_up_replays("the restarted engine serves another model")
-        self.view, self.max_queue = view, hello.max_queue
+            self.in_flight.give_up("the restarted engine serves another model")
+        self.view = view
         self.connection = connection = Connection(sock, board, hello.index, wire.peer_pid(sock))
         self._switching = None
         wire.send(sock, Attach(ring.slots, ring.layout.pixel_bytes, classes), fds=(ring.fd,))
-        with board.lock():
-            board.admitted[connection.index] = self._admitted
-        board.decoding[connection.index] = self._decoding
-        now = time.monotonic()
-        self._liveness = _Liveness(heard_at=now, progress_at=now)
+        self.admission.attach(board, hello.index, hello.max_queue)
+        self.liveness.connected(time.monotonic())
         self.lost.clear()
         asyncio.get_running_loop().add_reader(sock, self._on_readable, connection)
-        replay, self._replay = [job for job in self._replay if not self._settled(job)], []
+        replay = self.in_flight.take_replay()
         if replay:
             logger.warning("sending %d images again: they were in flight when the last engine ended", len(replay))
             self._send(replay)
@@ -220,13 +193,7 @@ class EngineLink:
         API_ENGINE_STALL_S, or finished no batch for that long while our jobs waited."""
         if self.connection is None:
             return None
-        live = self._liveness
-        if now - live.heard_at > self.stall_s:
-            return f"the engine process said nothing for {now - live.heard_at:.1f}s"
-        if self._waiting and now - live.progress_at > self.stall_s:
-            waited = now - live.progress_at
-            return f"the engine process finished no batch for {waited:.1f}s while {len(self._waiting)} images waited"
-        return None
+        return self.liveness.stalled(now, len(self.in_flight))
 
     def kill_engine(self, reason: str) -> None:
         """Kill the connected engine process (it stalled) and let go of it; the jobs it held are sent
@@ -244,7 +211,7 @@ class EngineLink:
         still waits for an engine is answered 503."""
         self._closed = True
         self._lose("the service is shutting down")
-        self._give_up_replays("the service is shutting down")
+        self.in_flight.give_up("the service is shutting down")
         self.linked.set()  # wakes requests waiting for an engine: they find none and answer 503
         self._decoder.shutdown(wait=True)
 
@@ -254,43 +221,10 @@ class EngineLink:
         assert self.view is not None, "no engine has been connected yet"
         return {**self.view.described, "inference": "process"}
 
-    @contextmanager
-    def admit(self, images: int) -> Iterator[Ticket]:
+    def admit(self, images: int) -> AbstractContextManager[Ticket]:
         """Reserve room for `images` over all front-ends, or refuse with 503 (API_MAX_QUEUE). With no
         engine connected (it is restarting), over this front-end's own images."""
-        connection = self.connection
-        if connection is not None:
-            with connection.board.lock():
-                self._check_room(connection.board.in_progress(), images)
-                self._admitted += images
-                connection.board.admitted[connection.index] = self._admitted
-        else:
-            self._check_room(self._admitted, images)
-            self._admitted += images
-        self._decoded(-images)
-        ticket = Ticket()
-        try:
-            yield ticket
-        finally:
-            self._admitted -= images
-            connection = self.connection
-            if connection is not None:
-                with connection.board.lock():
-                    connection.board.admitted[connection.index] = self._admitted
-            self._decoded(images - ticket.queued)
-
-    def _check_room(self, in_progress: int, images: int) -> None:
-        if in_progress + images > self.max_queue:
-            raise Overloaded(
-                f"over capacity: {in_progress} images in progress (API_MAX_QUEUE={self.max_queue}); retry",
-                retry_after_s=1,
-            )
-
-    def _decoded(self, images: int) -> None:
-        """`images` fewer are decoding (negative: more)."""
-        self._decoding -= images
-        if self.connection is not None:
-            self.connection.board.decoding[self.connection.index] = self._decoding
+        return self.admission.admit(images)
 
     async def classify(
         self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
@@ -314,7 +248,7 @@ class EngineLink:
                     raise
                 self._send(pending)
                 ticket.queued += len(pending)
-                self._decoded(len(pending))
+                self.admission.sent(len(pending))
         finally:
             self._unsent[key] -= 1
             if not self._unsent[key]:
@@ -325,7 +259,7 @@ class EngineLink:
                 asyncio.gather(*(job.future for job in pending)), timeout=max(deadline - time.monotonic(), 0)
             )
         except TimeoutError:
-            self._abandon(pending)
+            self.in_flight.abandon(pending, self.ring)
             raise GatewayTimeout(
                 f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})"
             ) from None
@@ -353,26 +287,17 @@ class EngineLink:
     def _send(self, pending: list[PendingJob]) -> None:
         connection, view = self.connection, self.view
         assert connection is not None and view is not None
-        if not self._waiting:
-            self._liveness.progress_at = time.monotonic()  # the wait for a batch starts now
+        if not self.in_flight:
+            self.liveness.advanced(time.monotonic())  # the wait for a batch starts now
         records = np.zeros(len(pending), dtype=JOB)
         for row, job in enumerate(pending):
             records[row] = (job.id, job.slot, job.height, job.width, job.deadline, job.resize, b"")
-            self._waiting[job.id] = job
+        self.in_flight.sent(pending)
         try:
             for message in jobs(view.generation, records):
                 wire.send(connection.sock, message)
         except OSError:  # the engine is gone: these are in flight at its end like the rest
             self._lose(self.lost_reason)
-
-    def _abandon(self, pending: list[PendingJob]) -> None:
-        """Their caller gave up: the engine skips them (their slots come back with its answer)."""
-        for job in pending:
-            if job.id in self._waiting and job.ring is self.ring:
-                job.ring.state[job.slot] = wire.ABANDONED
-            elif job in self._replay:
-                self._replay.remove(job)
-                self._release(job)
 
     # --- a model swap (api/remote/host/swapper.py does it; every front-end follows) -----------------
 
@@ -457,17 +382,6 @@ class EngineLink:
     def _release(self, job: PendingJob) -> None:
         self._free_slot(job.ring, job.slot)
 
-    def _settled(self, job: PendingJob) -> bool:
-        """Its caller has its answer or gave up: its slot comes back."""
-        if job.future.done():
-            self._release(job)
-            return True
-        if job.deadline <= time.monotonic():
-            job.future.set_exception(GatewayTimeout("the request deadline passed while the engine restarted"))
-            self._release(job)
-            return True
-        return False
-
     async def engine_metrics(self, timeout_s: float = 2.0) -> bytes:
         """The engine process's own exposition (batch sizes, forward time, queue depth, GPU memory)."""
         connection = self.connection
@@ -500,13 +414,12 @@ class EngineLink:
                 self._lose(self.lost_reason)
                 return
             now = time.monotonic()
-            self._liveness.heard_at = now
+            self.liveness.heard(now)
             if isinstance(message, Replies):
-                self._liveness.progress_at = now
+                self.liveness.advanced(now)
                 self._answer(message.rows())
             elif isinstance(message, Heartbeat):
-                if message.progress != self._liveness.progress:
-                    self._liveness.progress, self._liveness.progress_at = message.progress, now
+                self.liveness.beat(message.progress, now)
             elif isinstance(message, Metrics) and self._metrics:
                 waiter = self._metrics.popleft()
                 if not waiter.done():
@@ -524,7 +437,7 @@ class EngineLink:
         view = self.view
         assert view is not None
         for record in records:
-            job = self._waiting.pop(int(record["id"]), None)
+            job = self.in_flight.answered(int(record["id"]))
             if job is None:
                 continue
             status = int(record["status"])
@@ -545,28 +458,12 @@ class EngineLink:
         if connection is None:
             return
         self.connection = None
+        self.admission.detach()
         self.linked.clear()
         with contextlib.suppress(RuntimeError):  # no running loop: closed from a thread
             asyncio.get_running_loop().remove_reader(connection.sock)
         connection.sock.close()
-        for job in self._waiting.values():
-            if job.future.done():
-                self._release(job)
-                continue
-            job.deaths += 1
-            if job.deaths >= 2:
-                job.future.set_exception(
-                    ServiceUnavailable(
-                        "the engine process ended twice with this image in flight: it is not sent again (it may be "
-                        "what ends it)",
-                        retry_after_s=1,
-                    )
-                )
-                self._release(job)
-            else:
-                job.ring.state[job.slot] = 0
-                self._replay.append(job)
-        self._waiting.clear()
+        self.in_flight.engine_ended()
         for waiter in self._metrics:
             if not waiter.done():
                 waiter.set_result(b"")
@@ -576,13 +473,6 @@ class EngineLink:
                 load.set_exception(_engine_gone())
         self.lost_reason = reason
         self.lost.set()
-
-    def _give_up_replays(self, reason: str) -> None:
-        for job in self._replay:
-            if not job.future.done():
-                job.future.set_exception(ServiceUnavailable(f"{reason}; retry", retry_after_s=1))
-            self._release(job)
-        self._replay = []
 
 
 def _engine_gone() -> ServiceUnavailable:

@@ -110,12 +110,12 @@ async def keep_linked(
 
 async def watch(link: EngineLink) -> str:
     """Until the engine is lost; one that stalls (`EngineLink.stalled`) is killed first. Answers why."""
-    period = min(0.25, link.stall_s / 4)
+    period = min(0.25, link.liveness.stall_s / 4)
     while not link.lost.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(link.lost.wait(), timeout=period)
         stalled = link.stalled(time.monotonic())
         if stalled is not None:
-            logger.error("%s (API_ENGINE_STALL_S=%g): replacing it", stalled, link.stall_s)
+            logger.error("%s (API_ENGINE_STALL_S=%g): replacing it", stalled, link.liveness.stall_s)
             link.kill_engine(stalled)
     return link.lost_reason

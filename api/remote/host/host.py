@@ -24,7 +24,6 @@ import gc
 import itertools
 import logging
 import os
-import pickle
 import queue
 import selectors
 import signal
@@ -33,7 +32,6 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -44,29 +42,20 @@ from api.engine.cpu import cpu_budget
 from api.engine.device_resize import resize_mode
 from api.engine.figures import EngineFigures
 from api.engine.memory import release_free_memory
-from api.engine.pipeline import BatchRun
 from api.engine.service import Engine
-from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError, first_line
-from api.remote import entrypoints, wire
+from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
+from api.remote import wire
 from api.remote.frontend.spawner import EngineConfig
-from api.remote.host.aside import run_aside
+from api.remote.host.frontends import Frontend, RemoteJob
+from api.remote.host.prepare import prepare_beside
 from api.remote.host.rules import (
-    HEADROOM_BYTES,
-    PREPARE_BYTES,
-    checkpoint_bytes,
-    device_room,
-    host_room,
     incompatibility,
     models_root,
     vet_checkpoint,
 )
 from api.remote.host.swapper import Swapper
 from api.remote.messages import (
-    DROPPED,
-    FAILED,
     HEARTBEAT_S,
-    OK,
-    REPLY,
     Attach,
     Dropped,
     Heartbeat,
@@ -82,64 +71,11 @@ from api.remote.messages import (
     Refused,
     Switch,
     Switched,
-    replies,
 )
 
 logger = logging.getLogger(__name__)
 
 MAX_SLOTS = 1 << 16
-
-
-@dataclass(eq=False)
-class Frontend:
-    sock: socket.socket
-    index: int
-    ring: wire.Ring | None = None
-    closed: bool = False
-    outbox: list[tuple[int, int, int, int, float, float]] = field(default_factory=list)
-    # two inference threads (the served model and one being retired) may answer at once
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def reply(self, row: tuple[int, int, int, int, float, float]) -> None:
-        with self.lock:
-            self.outbox.append(row)
-
-
-class RemoteJob:
-    """One image of a front-end: its pixels are that front-end's slot, its answer goes back there."""
-
-    __slots__ = ("deadline", "frontend", "id", "pixels", "queued_at", "slot")
-
-    def __init__(self, frontend: Frontend, record: np.void, pixels: np.ndarray, now: float):
-        self.frontend = frontend
-        self.id = int(record["id"])
-        self.slot = int(record["slot"])
-        self.deadline = float(record["deadline"])
-        self.pixels = pixels
-        self.queued_at = now
-
-    @property
-    def abandoned(self) -> bool:
-        ring = self.frontend.ring
-        return (
-            self.frontend.closed
-            or ring is None
-            or ring.state[self.slot] == wire.ABANDONED
-            or time.monotonic() > self.deadline
-        )
-
-    def deliver(self, scores: np.ndarray, run: BatchRun) -> None:
-        ring = self.frontend.ring
-        if ring is not None and not self.frontend.closed:
-            ring.scores(self.slot)[:] = scores
-            self.frontend.reply((self.id, self.slot, OK, run.size, run.forward_s, run.queued_s))
-
-    def fail(self, error: BaseException) -> None:
-        logger.error("forward pass failed: %s", first_line(error))
-        self.frontend.reply((self.id, self.slot, FAILED, 0, 0.0, 0.0))
-
-    def drop(self) -> None:
-        self.frontend.reply((self.id, self.slot, DROPPED, 0, 0.0, 0.0))
 
 
 class Host:
@@ -450,35 +386,9 @@ class Host:
     def load_beside(self, path: Path, *, deadline: float, cancel: threading.Event) -> Engine:
         """Build the new model in a process of its own first (killed at the deadline or above the
         room), then load it here beside the served one; it must be able to take over."""
-        weights = checkpoint_bytes(path)
-        room = host_room(weights, extra=PREPARE_BYTES)
-        device = self.engine.classifier.device
-        rooms = [room]
-        if device.type == "cuda":
-            import torch
-
-            rooms.append(device_room(weights, torch.cuda.mem_get_info(device)[0]))
-        for needed in rooms:
-            if not needed.fits:
-                raise ModelLoadError(needed.refusal())
         model = dataclasses.replace(self.model, checkpoint_path=path)
         threads = cpu_budget(self.batching.num_threads, workers=self.batching.workers).threads
-        gpu = device.type == "cuda"
-        # on a GPU host the new model is checked on the CPU: the process never touches the GPU
-        checked = dataclasses.replace(model, device="cpu", runtime="torch", compile=False) if gpu else model
-        finished = run_aside(
-            entrypoints.command(entrypoints.PREPARE, str(threads)),
-            pickle.dumps(checked),
-            timeout_s=max(deadline - time.monotonic(), 0.0),
-            memory_limit=max(room.needed, min(2 * room.needed, room.free - HEADROOM_BYTES)),
-            cancel=cancel,
-            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""} if gpu else None,
-        )
-        logger.info(
-            "new model prepared in a process of its own in %.2fs (peak %.0f MiB)",
-            finished.seconds,
-            finished.peak_bytes / (1 << 20),
-        )
+        prepare_beside(model, self.engine.classifier.device, threads=threads, deadline=deadline, cancel=cancel)
         engine = self._start(model)
         served = self.engine.served
         problem = incompatibility(
@@ -530,20 +440,7 @@ class Host:
     def _flush(self) -> None:
         self.progress = next(self._batches)
         for frontend in list(self.frontends.values()):
-            with frontend.lock:
-                if frontend.closed or not frontend.outbox:
-                    continue
-                outbox, frontend.outbox = frontend.outbox, []
-                records = np.zeros(len(outbox), dtype=REPLY)
-                for name, column in zip(
-                    ("id", "slot", "status", "size", "forward_s", "queued_s"), zip(*outbox, strict=True), strict=True
-                ):
-                    records[name] = column
-                try:
-                    for message in replies(records):
-                        wire.send(frontend.sock, message)
-                except OSError:
-                    frontend.closed = True
+            frontend.flush()
 
 
 def _release(holder: list[Engine], what: str) -> None:

@@ -7,14 +7,67 @@ the model is converted to OpenVINO (seconds of work that holds Python's lock in 
 the engine process it would stall the served model's answers): the engine's own load then reads
 the converted model from the model cache. The ModelSettings arrive pickled on stdin; a failed load
 prints why as its last line and exits EXIT_LOAD_FAILED.
+
+`prepare_beside` is the engine's half: the room check (from the file's size, before a byte is
+read), then this process under the swap's deadline and a memory ceiling.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pickle
 import sys
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from api.config import ModelSettings
+from api.errors import ModelLoadError
+from api.remote import entrypoints
+from api.remote.host.aside import run_aside
+from api.remote.host.rules import HEADROOM_BYTES, PREPARE_BYTES, checkpoint_bytes, device_room, host_room
+
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_beside(
+    model: ModelSettings, device: torch.device, *, threads: int, deadline: float, cancel: threading.Event
+) -> None:
+    """Build `model` in a process of its own, if both models fit; ModelLoadError or AsideFailed if not.
+
+    The process may hold the room a second model needs, twice over at most (never more than is
+    free); on a GPU host it checks the model on the CPU and never touches the GPU."""
+    assert model.checkpoint_path is not None
+    weights = checkpoint_bytes(model.checkpoint_path)
+    room = host_room(weights, extra=PREPARE_BYTES)
+    rooms = [room]
+    gpu = device.type == "cuda"
+    if gpu:
+        import torch
+
+        rooms.append(device_room(weights, torch.cuda.mem_get_info(device)[0]))
+    for needed in rooms:
+        if not needed.fits:
+            raise ModelLoadError(needed.refusal())
+    checked = dataclasses.replace(model, device="cpu", runtime="torch", compile=False) if gpu else model
+    finished = run_aside(
+        entrypoints.command(entrypoints.PREPARE, str(threads)),
+        pickle.dumps(checked),
+        timeout_s=max(deadline - time.monotonic(), 0.0),
+        memory_limit=max(room.needed, min(2 * room.needed, room.free - HEADROOM_BYTES)),
+        cancel=cancel,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""} if gpu else None,
+    )
+    logger.info(
+        "new model prepared in a process of its own in %.2fs (peak %.0f MiB)",
+        finished.seconds,
+        finished.peak_bytes / (1 << 20),
+    )
 
 
 def main(argv: list[str]) -> int:
