@@ -180,8 +180,12 @@ class ModelLoaded(BaseModel):
     version: str = Field(description="Now serving.")
     previous_version: str
     checkpoint: str
-    load_s: float = Field(description="Loading, checking and warming up the new model beside the old.")
+    load_s: float = Field(
+        description="Building and checking the new model in a process of its own, then loading and warming it "
+        "up beside the old."
+    )
     switch_s: float = Field(description="From the switch to every front-end answering with the new model.")
+    retire_s: float = Field(description="The old model finishing what was queued for it, then released.")
     total_s: float
     frontends_dropped: int = Field(
         0,

@@ -30,7 +30,7 @@ def _modules(package: str) -> list[str]:
 LAYERS = {
     "engine": _modules("api.engine"),
     "remote": _modules("api.remote"),
-    "frontend": _modules("api.remote.frontend") + ["api.remote.messages", "api.remote.wire"],
+    "frontend": [*_modules("api.remote.frontend"), "api.remote.messages", "api.remote.wire"],
     "http": _modules("api.http"),
 }
 HEAVY = ("torch", "timm", "torchvision", "openvino")

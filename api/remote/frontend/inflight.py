@@ -33,6 +33,7 @@ class PendingJob:
     deadline: float
     ring: wire.Ring
     future: asyncio.Future[Answer]
+    served: Served | None = None  # the model it was sent to (its answer names it)
     deaths: int = 0  # engine processes that ended with it in flight
 
 

@@ -185,7 +185,7 @@ class EngineLink:
         replay = self.in_flight.take_replay()
         if replay:
             logger.warning("sending %d images again: they were in flight when the last engine ended", len(replay))
-            self._send(replay)
+            self._send(replay, view)
         self.linked.set()
 
     def stalled(self, now: float) -> str | None:
@@ -246,7 +246,7 @@ class EngineLink:
                     for job in pending:
                         self._release(job)
                     raise
-                self._send(pending)
+                self._send(pending, view)
                 ticket.queued += len(pending)
                 self.admission.sent(len(pending))
         finally:
@@ -284,14 +284,18 @@ class EngineLink:
         if current is not None and current.epoch != view.epoch and not current.prepares_like(view):
             raise ServiceUnavailable("the restarted engine process serves another model; retry", retry_after_s=1)
 
-    def _send(self, pending: list[PendingJob]) -> None:
-        connection, view = self.connection, self.view
-        assert connection is not None and view is not None
+    def _send(self, pending: list[PendingJob], prepared_for: ModelView) -> None:
+        """Send jobs whose pixels were prepared for `prepared_for`: to that model while its engine
+        lives (a swap keeps it until every front-end confirmed), else to what the engine now serves."""
+        connection, current = self.connection, self.view
+        assert connection is not None and current is not None
+        view = prepared_for if prepared_for.epoch == current.epoch else current
         if not self.in_flight:
             self.liveness.advanced(time.monotonic())  # the wait for a batch starts now
         records = np.zeros(len(pending), dtype=JOB)
         for row, job in enumerate(pending):
             records[row] = (job.id, job.slot, job.height, job.width, job.deadline, job.resize, b"")
+            job.served = view.served
         self.in_flight.sent(pending)
         try:
             for message in jobs(view.generation, records):
@@ -434,8 +438,6 @@ class EngineLink:
                     load.set_result(message)
 
     def _answer(self, records: np.ndarray) -> None:
-        view = self.view
-        assert view is not None
         for record in records:
             job = self.in_flight.answered(int(record["id"]))
             if job is None:
@@ -444,7 +446,8 @@ class EngineLink:
             if not job.future.done():
                 if status == OK:
                     run = BatchRun(int(record["size"]), float(record["forward_s"]), float(record["queued_s"]))
-                    job.future.set_result((job.ring.scores(job.slot).copy(), run, view.served))
+                    assert job.served is not None  # set when sent
+                    job.future.set_result((job.ring.scores(job.slot).copy(), run, job.served))
                 elif status == DROPPED:
                     job.future.set_exception(GatewayTimeout("the request deadline passed before its forward pass"))
                 else:
