@@ -24,7 +24,7 @@ _own_metrics_dir = not os.environ.get(_MULTIPROC_ENV)
 if _own_metrics_dir:
     os.environ[_MULTIPROC_ENV] = tempfile.mkdtemp(prefix="cat-breeds-api-metrics-")
 _metrics_dir = Path(os.environ[_MULTIPROC_ENV])
-# The workers are one group: they share one engine process (api/engine/link.py, engine_group).
+# The workers are one group: they share one engine process (api/remote/frontend/spawner.py, engine_group).
 os.environ.setdefault("API_ENGINE_GROUP", f"gunicorn-{os.getpid()}")
 
 from api.config import ConfigError, load_settings  # noqa: E402 (after the environment is set)

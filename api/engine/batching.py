@@ -43,7 +43,7 @@ class Job(Protocol):
     """One image waiting for the forward pass, and how its answer goes back.
 
     In this process (`Batcher.predict`) the answer resolves an asyncio future; from a front-end
-    process (api/engine/host.py) it is written to that front-end's shared-memory slot.
+    process (api/remote/host/host.py) it is written to that front-end's shared-memory slot.
     """
 
     pixels: Prepared

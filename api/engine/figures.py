@@ -1,7 +1,7 @@
 """The engine's own figures (Prometheus): batch sizes, forward time, queue depth, GPU memory.
 
 In one process they join the HTTP metrics' registry (api/http/metrics.py); in the engine process
-(api/engine/host.py) they are that process's registry, and every front-end's `/metrics` appends
+(api/remote/host/host.py) they are that process's registry, and every front-end's `/metrics` appends
 them once to its scrape.
 """
 

@@ -97,7 +97,7 @@ class Engine:
         """Load the classifier on the inference thread (threads sized from the CPU quota), start its
         batcher and the decode pool. Blocks until loaded and warmed up.
 
-        The engine process (api/engine/host.py) passes `on_its_way` (images front-ends are still
+        The engine process (api/remote/host/host.py) passes `on_its_way` (images front-ends are still
         decoding) and `after_batch` (send the batch's replies) and submits jobs itself."""
         watcher = observer or _Quiet()
         budget = cpu_budget(batching.num_threads, workers=batching.workers)

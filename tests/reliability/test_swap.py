@@ -300,7 +300,7 @@ def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
     models: dict[str, Path], tmp_path: Path, chelsea_jpeg: bytes
 ) -> None:
     """OpenVINO conversion holds Python's lock in long stretches: a swap does it in a separate process
-    (api/ops/prepare.py), and the engine reads the converted model from the cache."""
+    (api/remote/host/prepare.py), and the engine reads the converted model from the cache."""
     env = {
         "API_CHECKPOINT_PATH": models["old"],
         "API_ADMIN_KEY": ADMIN["X-API-Key"],

@@ -14,10 +14,12 @@ read), then this process under the swap's deadline and a memory ceiling.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
 import pickle
+import signal
 import sys
 import threading
 import time
@@ -33,6 +35,8 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 
 def prepare_beside(
@@ -71,6 +75,7 @@ def prepare_beside(
 
 
 def main(argv: list[str]) -> int:
+    _die_with_the_engine()
     os.nice(10)  # the served model's answers come first; this gets the CPU they leave
     settings = pickle.load(sys.stdin.buffer)
     threads = int(argv[0])
@@ -91,6 +96,14 @@ def main(argv: list[str]) -> int:
         print(f"unexpected {type(error).__name__} while loading it: {first_line(error)}", flush=True)
         return EXIT_LOAD_FAILED
     return 0
+
+
+def _die_with_the_engine() -> None:
+    """An engine that dies (killed, say) takes this process with it, never leaving it to hold memory."""
+    parent = os.getppid()
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 if __name__ == "__main__":
