@@ -70,7 +70,8 @@ def write_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:
 def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, float]:
     from api.config import load_settings
     from api.remote import messages, wire
-    from api.remote.frontend.spawner import EngineConfig, EngineSpawner
+    from api.remote.entrypoints import EngineConfig
+    from api.remote.frontend.spawner import EngineSpawner
 
     settings = load_settings(
         checkpoint_path=checkpoint, runtime="null", device="cpu", max_batch_size=64, max_queue=in_flight,

@@ -91,8 +91,9 @@ class Owner:
 def _owner(settings: Settings, metrics: Metrics) -> Owner:
     from api.engine.cpu import cpu_budget
     from api.remote import wire
+    from api.remote.entrypoints import EngineConfig
     from api.remote.frontend.link import EngineLink
-    from api.remote.frontend.spawner import EngineConfig, EngineSpawner, engine_group
+    from api.remote.frontend.spawner import EngineSpawner, engine_group
 
     group, shared = engine_group()
     batching = dataclasses.replace(settings.batching_group, workers=1)  # the engine has the CPUs to itself

@@ -7,10 +7,30 @@ PREPARE  a swap's new model, built and checked in a process of its own before th
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from api.config import BatchingSettings, ModelSettings
 
 ENGINE = "api.remote.host.main"
 PREPARE = "api.remote.host.prepare"
 MODULES = (ENGINE, PREPARE)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What an engine process is started with (pickled to its stdin)."""
+
+    model: ModelSettings
+    batching: BatchingSettings
+    linger_s: float
+    log_level: str = "INFO"
+    log_dir: Path | None = None
+    log_format: str = "json"
+    # the model swapped in last (None: the configured one); model.checkpoint_path stays the configured one
+    swapped_in: Path | None = None
+    model_repository: Path | None = None  # where swaps may load from (None: the configured checkpoint's folder)
+    load_timeout_s: float = 300.0  # a swap's load is abandoned after this
 
 
 def command(module: str, *args: str) -> list[str]:

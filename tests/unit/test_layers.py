@@ -31,6 +31,7 @@ LAYERS = {
     "engine": _modules("api.engine"),
     "remote": _modules("api.remote"),
     "frontend": [*_modules("api.remote.frontend"), "api.remote.messages", "api.remote.wire"],
+    "host": _modules("api.remote.host"),
     "http": _modules("api.http"),
 }
 HEAVY = ("torch", "timm", "torchvision", "openvino")
@@ -87,6 +88,13 @@ def test_the_front_end_half_of_the_boundary_imports_no_torch() -> None:
     loaded = _loaded("frontend")
     assert "api.remote.frontend.link" in loaded
     assert [name for name in HEAVY if name in loaded] == []
+    assert "api.remote.host" not in loaded
+
+
+def test_the_engine_half_of_the_boundary_needs_nothing_of_the_front_end_half() -> None:
+    loaded = _loaded("host")
+    assert "api.remote.host.host" in loaded and "torch" in loaded  # the check saw the engine half
+    assert "api.remote.frontend" not in loaded
 
 
 def test_the_http_side_imports_no_server_runner() -> None:

@@ -12,30 +12,13 @@ import os
 import pickle
 import secrets
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
-from api.config import BatchingSettings, ModelSettings
 from api.remote import entrypoints
+from api.remote.entrypoints import EngineConfig
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 GROUP_ENV = "API_ENGINE_GROUP"
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    """What an engine process is started with (pickled to its stdin)."""
-
-    model: ModelSettings
-    batching: BatchingSettings
-    linger_s: float
-    log_level: str = "INFO"
-    log_dir: Path | None = None
-    log_format: str = "json"
-    # the model swapped in last (None: the configured one); model.checkpoint_path stays the configured one
-    swapped_in: Path | None = None
-    model_repository: Path | None = None  # where swaps may load from (None: the configured checkpoint's folder)
-    load_timeout_s: float = 300.0  # a swap's load is abandoned after this
 
 
 class EngineSpawner:

@@ -45,7 +45,7 @@ from api.engine.memory import release_free_memory
 from api.engine.service import Engine
 from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
 from api.remote import wire
-from api.remote.frontend.spawner import EngineConfig
+from api.remote.entrypoints import EngineConfig
 from api.remote.host.frontends import Frontend, RemoteJob
 from api.remote.host.prepare import prepare_beside
 from api.remote.host.rules import (

@@ -2,7 +2,7 @@
 
 The socket is bound before anything heavy is imported: when several front-ends start an engine at
 once, every one but the first ends here at once (status 0), and the front-ends all connect to it.
-The configuration (api.remote.frontend.spawner.EngineConfig) arrives pickled on stdin from the front-end.
+The configuration (api.remote.entrypoints.EngineConfig) arrives pickled on stdin from the front-end.
 """
 
 from __future__ import annotations

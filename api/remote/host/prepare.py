@@ -58,7 +58,11 @@ def prepare_beside(
     for needed in rooms:
         if not needed.fits:
             raise ModelLoadError(needed.refusal())
-    checked = dataclasses.replace(model, device="cpu", runtime="torch", compile=False) if gpu else model
+    checked = (
+        dataclasses.replace(model, device="cpu", runtime="torch", precision="fp32", compile=False, cuda_graphs=False)
+        if gpu
+        else model
+    )
     finished = run_aside(
         entrypoints.command(entrypoints.PREPARE, str(threads)),
         pickle.dumps(checked),

@@ -136,7 +136,6 @@ class Swapper:
                     f"front-end {frontend.index} did not confirm the switch to model version {swap.version} within "
                     f"{now - swap.switch_started:.1f}s (API_REQUEST_TIMEOUT_S={self.switch_timeout_s:g}): disconnected"
                 )
-                logger.warning(reason)
                 swap.dropped += 1
                 self.host.drop(frontend, reason)  # leaving calls switched(): the last one out retires the old model
 
