@@ -130,7 +130,7 @@ class Settings(BaseSettings):
         gt=0,
         le=86400,
         description="A swap's load that takes longer is abandoned (400) and its process killed; the served "
-        "model answers throughout.",
+        "model answers throughout. An engine restarted after a death that has not loaded within it is replaced.",
     )
     engine_stall_s: float = Field(
         8.0,

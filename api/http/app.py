@@ -196,6 +196,7 @@ def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: S
                 on_first=first,
                 on_failed=lambda: _fail(load_policy),
                 linked=linked,
+                load_timeout_s=settings.model_load_timeout_s,
             )
         )
         if load_policy.accept_after_load:

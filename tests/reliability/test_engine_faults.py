@@ -306,3 +306,36 @@ def test_an_image_in_flight_at_two_engine_deaths_is_answered_503(tmp_path: Path,
         assert "ended twice with this image in flight" in refused.json()["error"]["message"]
         assert refused.headers.get("retry-after")
         eventually(lambda: httpx.get(server.url + "/health").status_code == 200, timeout_s=120, what="a third engine")
+
+
+def test_an_engine_that_stalls_while_loading_after_a_restart_is_replaced(
+    tiny_checkpoint: Path, tmp_path: Path, chelsea_jpeg: bytes
+) -> None:
+    """The engine started after a death is stopped before it says hello (it never sends one): the
+    front-end kills it after API_MODEL_LOAD_TIMEOUT_S and starts another, which serves."""
+    env = {
+        "API_CHECKPOINT_PATH": tiny_checkpoint,
+        "API_MODEL_NAME": "test_resnet",
+        "API_RUNTIME": "torch",
+        "API_MODEL_LOAD_TIMEOUT_S": 20,
+    }
+    with served_process([CLI, "serve"], tmp_path, **env) as server:
+        first = _engine(server)
+        os.kill(first, signal.SIGKILL)
+        eventually(lambda: [p for p in engine_pids(server.pid) if p != first] != [], timeout_s=30, what="a second")
+        (second,) = [p for p in engine_pids(server.pid) if p != first]
+        os.kill(second, signal.SIGSTOP)  # it is still importing torch: long before its hello
+        try:
+            eventually(
+                lambda: any(p not in (first, second) for p in engine_pids(server.pid)), timeout_s=60, what="a third"
+            )
+            eventually(lambda: httpx.get(server.url + "/health").status_code == 200, timeout_s=60, what="ready")
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(second, signal.SIGCONT)
+        assert (
+            "within 20s (API_MODEL_LOAD_TIMEOUT_S): killed it" in server.log()
+            or "did not start within 20s" in server.log()
+        )
+        predicted = httpx.post(server.url + "/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
+        assert predicted.status_code == 200

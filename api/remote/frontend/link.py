@@ -25,7 +25,6 @@ import functools
 import itertools
 import logging
 import os
-import signal
 import socket
 import time
 from collections import Counter, deque
@@ -33,7 +32,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -60,10 +58,11 @@ from api.errors import (
     RequestError,
     ServiceUnavailable,
 )
-from api.remote import entrypoints, wire
+from api.remote import wire
 from api.remote.frontend.admission import Admission
 from api.remote.frontend.inflight import InFlight, PendingJob
 from api.remote.frontend.liveness import Liveness
+from api.remote.frontend.spawner import kill_engine
 from api.remote.messages import (
     DROPPED,
     JOB,
@@ -201,9 +200,7 @@ class EngineLink:
         connection = self.connection
         if connection is None:
             return
-        if entrypoints.ENGINE in _cmdline(connection.pid):  # never another process that took its pid
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(connection.pid, signal.SIGKILL)
+        kill_engine(connection.pid)
         self._lose(f"{reason}: killed it (pid {connection.pid})")
 
     def close(self) -> None:
@@ -480,10 +477,3 @@ class EngineLink:
 
 def _engine_gone() -> ServiceUnavailable:
     return ServiceUnavailable("model not ready: the engine process stopped; it is being restarted", retry_after_s=1)
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""

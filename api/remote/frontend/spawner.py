@@ -6,11 +6,13 @@ extra ones end at once (status 0) and every front-end connects to the one that b
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
 import os
 import pickle
 import secrets
+import signal
 import subprocess
 from pathlib import Path
 
@@ -63,6 +65,17 @@ class EngineSpawner:
             except subprocess.TimeoutExpired:
                 self.process.terminate()
                 self.process.wait(5)
+
+
+def kill_engine(pid: int) -> None:
+    """SIGKILL the engine process `pid`, unless that pid is no engine (it ended and was reused)."""
+    try:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return
+    if entrypoints.ENGINE in command:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def engine_group() -> tuple[str, bool]:

@@ -20,7 +20,7 @@ from api.engine.pipeline import Pipeline
 from api.errors import StartupError
 from api.remote import wire
 from api.remote.frontend.link import EngineLink
-from api.remote.frontend.spawner import EngineSpawner
+from api.remote.frontend.spawner import EngineSpawner, kill_engine
 from api.remote.messages import Hello, MalformedMessage, Refused
 
 logger = logging.getLogger(__name__)
@@ -36,10 +36,14 @@ class Readiness(Protocol):
     def set_failed(self, reason: str) -> None: ...
 
 
-async def connect(address: str, spawn: EngineSpawner) -> tuple[socket.socket, Hello, wire.Board]:
+async def connect(
+    address: str, spawn: EngineSpawner, *, load_timeout_s: float | None = None
+) -> tuple[socket.socket, Hello, wire.Board]:
     """Connect to the group's engine, starting one if none answers; returns once it is loaded.
-    Raises StartupError when it cannot load the model, ConnectionError when it went away."""
+    Raises StartupError when it cannot load the model, ConnectionError when it went away or (with
+    `load_timeout_s`) did not load in time, in which case it is killed."""
     loop = asyncio.get_running_loop()
+    deadline = None if load_timeout_s is None else time.monotonic() + load_timeout_s
     spawn.forget()
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -51,10 +55,27 @@ async def connect(address: str, spawn: EngineSpawner) -> tuple[socket.socket, He
         code = spawn.failed()
         if code is not None:
             raise StartupError(f"the engine process exited with status {code} before serving (see its log)")
+        if deadline is not None and time.monotonic() > deadline and spawn.process is not None:
+            kill_engine(spawn.process.pid)  # it did not even bind its socket
+            raise ConnectionError(f"the engine process did not start within {load_timeout_s:g}s: killed it")
         spawn()
         await asyncio.sleep(RETRY_S)
+    receiving = loop.run_in_executor(None, wire.receive, sock)
+    left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
     try:
-        message, fds = await loop.run_in_executor(None, wire.receive, sock)
+        message, fds = await asyncio.wait_for(asyncio.shield(receiving), left)
+    except TimeoutError:
+        pid = wire.peer_pid(sock)
+        kill_engine(pid)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the receiving thread
+        with contextlib.suppress(Exception):
+            await receiving
+        sock.close()
+        raise ConnectionError(
+            f"the engine process (pid {pid}) did not load within {load_timeout_s:g}s (API_MODEL_LOAD_TIMEOUT_S): "
+            "killed it"
+        ) from None
     except MalformedMessage as error:
         sock.close()
         raise ConnectionError(f"the engine process sent {error}") from None
@@ -79,12 +100,15 @@ async def keep_linked(
     on_first: Callable[[EngineLink], None],
     on_failed: Callable[[], None],
     linked: asyncio.Event,
+    load_timeout_s: float,
 ) -> None:
-    """Link `link` to an engine, and again to the next whenever one is lost or stalls, until cancelled."""
+    """Link `link` to an engine, and again to the next whenever one is lost or stalls, until cancelled.
+    A restarted engine that has not loaded within `load_timeout_s` (stalled while loading: its model
+    was loaded before, from the cache) is killed and started again; the first start has no bound."""
     first = True
     while True:
         try:
-            sock, hello, board = await connect(address, spawn)
+            sock, hello, board = await connect(address, spawn, load_timeout_s=None if first else load_timeout_s)
         except StartupError as error:
             readiness.set_failed(str(error))
             logger.error("model load failed: %s", error)
