@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from bench.frontend import arguments, cpu_s, load, post_script, requests_done, write_inputs
+from bench.frontend import arguments, load, post_script, requests_done, write_inputs
 from bench.protocol import v2_files
+from tests.support import cpu_s
 
 SCORES = np.random.default_rng(0).random((1, 67), dtype=np.float32).tobytes()
 PATH = "/v2/models/m/infer"

@@ -31,22 +31,14 @@ import torch
 from PIL import Image
 
 from api.remote import entrypoints
-from tests.support import BIN, ServerProcess, cmdline, engine_pids, parse_metrics, process_tree, scrape
+from tests.support import BIN, ServerProcess, cmdline, cpu_s, engine_pids, parse_metrics, process_tree, scrape
 
-TICK = os.sysconf("SC_CLK_TCK")
 IMAGES = {"451x300": (451, 300), "1600x1066": (1600, 1066)}
 TARGETS = {  # the issue's, for the report
     ("451x300", "engine"): 1.75,
     ("451x300", "frontend"): 3.5,
     ("1600x1066", "frontend"): 7.0,
 }
-
-
-def cpu_s(pid: int, thread: int | None = None) -> float:
-    """A process's CPU seconds (utime + stime), or one of its threads' (`thread`: its tid)."""
-    stat = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
-    fields = Path(stat).read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def write_inputs(folder: Path) -> tuple[Path, dict[str, Path]]:

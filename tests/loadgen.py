@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import gc
 import json
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from pathlib import Path
 import httpx
 
 PREDICT = "/api/v1/predict"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass
@@ -114,6 +116,25 @@ async def _lag_watch(outcome: Outcome, tick_s: float = 0.005) -> AsyncIterator[N
         yield
     finally:
         task.cancel()
+
+
+def start(mode: str, url: str, image: Path, **options: float) -> subprocess.Popen[str]:
+    """Run this generator in a process of its own (from a test), in the background."""
+    flags = [part for name, value in options.items() for part in (f"--{name}", str(value))]
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.loadgen", mode, url, str(image), *flags],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(process: subprocess.Popen[str]) -> Outcome:
+    """Wait for a generator started with `start` and read its outcome."""
+    out, err = process.communicate(timeout=300)
+    assert process.returncode == 0, err
+    return Outcome(**json.loads(out))
 
 
 def main(argv: list[str] | None = None) -> None:

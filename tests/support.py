@@ -70,6 +70,13 @@ def status_kb(field: str, pid: int | str = "self") -> int:
     return next(int(line.split()[1]) for line in status.splitlines() if line.startswith(f"{field}:"))
 
 
+def cpu_s(pid: int, thread: int | None = None) -> float:
+    """A process's CPU seconds (utime + stime), or one of its threads' (`thread`: its tid)."""
+    stat = f"/proc/{pid}/task/{thread}/stat" if thread is not None else f"/proc/{pid}/stat"
+    fields = Path(stat).read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def rss_mb(pid: int | str = "self") -> float:
     return status_kb("VmRSS", pid) / 1024
 

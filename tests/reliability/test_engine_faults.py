@@ -13,12 +13,9 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -30,9 +27,9 @@ import pytest
 import torch
 
 from api.remote import entrypoints
+from tests import loadgen
 from tests.helpers import CLI, ServerProcess, eventually, served_process, tiny_model
-from tests.loadgen import Outcome
-from tests.support import cmdline, engine_pids, process_tree, status_kb
+from tests.support import cmdline, cpu_s, engine_pids, process_tree, status_kb
 
 ADMIN = {"X-API-Key": "admin-secret"}
 ROOT = Path(__file__).resolve().parents[2]
@@ -71,30 +68,9 @@ class Readiness:
         return down - event, None if up is None else up - event
 
 
-def _load_in_background(url: str, image: Path, seconds: float, concurrency: int = 4) -> subprocess.Popen[str]:
-    """tests/loadgen.py in a process of its own: `concurrency` clients posting back to back."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.loadgen", "closed", url, str(image), "--concurrency", str(concurrency),
-         "--seconds", str(seconds)],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-
-
-def _outcome(load: subprocess.Popen[str]) -> Outcome:
-    out, err = load.communicate(timeout=300)
-    assert load.returncode == 0, err
-    return Outcome(**json.loads(out))
-
-
 def _swap(url: str, checkpoint: str | None, timeout: float = 300) -> httpx.Response:
     body = {"parameters": {"checkpoint": checkpoint}} if checkpoint else {}
     return httpx.post(f"{url}/v2/repository/models/cat-breeds/load", json=body, headers=ADMIN, timeout=timeout)
-
-
-def _cpu_s(pid: int) -> float:
-    """A process's CPU time so far (user + system), in seconds."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _engine(server: ServerProcess) -> int:
@@ -158,7 +134,7 @@ def test_bad_swaps_are_refused_and_the_old_model_answers_throughout(
 
     sampler = threading.Thread(target=sample, daemon=True)
     before_kb = status_kb("VmRSS", engine)
-    load = _load_in_background(demo_server.url, chelsea_file, seconds=8)
+    load = loadgen.start("closed", demo_server.url, chelsea_file, concurrency=4, seconds=8)
     sampler.start()
     answers = {}
     try:
@@ -167,7 +143,7 @@ def test_bad_swaps_are_refused_and_the_old_model_answers_throughout(
             answer = _swap(demo_server.url, requested, timeout=60)
             answers[requested] = (answer, time.monotonic() - started, why)
     finally:
-        outcome = _outcome(load)
+        outcome = loadgen.finish(load)
         sampling.set()
         sampler.join()
     for requested, (answer, seconds, why) in answers.items():
@@ -226,12 +202,12 @@ def test_a_load_past_its_deadline_is_abandoned(tiny_checkpoint: Path, tmp_path: 
 def test_a_killed_engine_loses_no_request(demo_server: ServerProcess, chelsea_file: Path) -> None:
     engine = _engine(demo_server)
     with Readiness(demo_server.url) as readiness:
-        load = _load_in_background(demo_server.url, chelsea_file, seconds=15)
+        load = loadgen.start("closed", demo_server.url, chelsea_file, concurrency=4, seconds=15)
         eventually(lambda: readiness.seen and readiness.seen[-1][1] == 200, what="serving")
         time.sleep(2)  # load running: requests in flight when the engine dies
         os.kill(engine, signal.SIGKILL)
         killed = time.monotonic()
-        outcome = _outcome(load)
+        outcome = loadgen.finish(load)
     not_ready, ready = readiness.after(killed)
     print(
         f"\nengine killed under 4 clients: {outcome.statuses}, worst {max(outcome.latencies_200):.2f}s; "
@@ -246,7 +222,7 @@ def test_a_killed_engine_loses_no_request(demo_server: ServerProcess, chelsea_fi
 def test_a_stopped_engine_is_replaced(demo_server: ServerProcess, chelsea_file: Path) -> None:
     engine = _engine(demo_server)
     with Readiness(demo_server.url) as readiness:
-        load = _load_in_background(demo_server.url, chelsea_file, seconds=32)
+        load = loadgen.start("closed", demo_server.url, chelsea_file, concurrency=4, seconds=32)
         eventually(lambda: readiness.seen and readiness.seen[-1][1] == 200, what="serving")
         time.sleep(2)
         os.kill(engine, signal.SIGSTOP)
@@ -254,7 +230,7 @@ def test_a_stopped_engine_is_replaced(demo_server: ServerProcess, chelsea_file: 
         try:
             eventually(lambda: engine_pids(demo_server.pid) not in ([], [engine]), timeout_s=30, what="a new engine")
             replaced = time.monotonic() - stopped
-            outcome = _outcome(load)
+            outcome = loadgen.finish(load)
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(engine, signal.SIGCONT)
@@ -293,9 +269,9 @@ def test_an_image_in_flight_at_two_engine_deaths_is_answered_503(tmp_path: Path,
             )
         )
         first = _engine(server)
-        busy_from = _cpu_s(first)
+        busy_from = cpu_s(first)
         posting.start()
-        eventually(lambda: _cpu_s(first) > busy_from + 0.3, timeout_s=30, what="the first engine computing it")
+        eventually(lambda: cpu_s(first) > busy_from + 0.3, timeout_s=30, what="the first engine computing it")
         os.kill(first, signal.SIGKILL)
         eventually(lambda: "sending 1 images again" in server.log(), timeout_s=120, what="sent again")
         (second,) = [p for p in engine_pids(server.pid) if p != first]

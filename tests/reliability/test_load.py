@@ -9,10 +9,7 @@ returns to its level before the overload. Soak: thousands of predictions, bounde
 from __future__ import annotations
 
 import asyncio
-import json
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -22,6 +19,7 @@ import timm
 import torch
 
 from api.engine.labels import CAT_BREEDS
+from tests import loadgen
 from tests.helpers import CLI, ServerProcess, eventually, served_process
 from tests.loadgen import Outcome, post
 
@@ -31,17 +29,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _load(mode: str, url: str, image: Path, **options: float) -> Outcome:
     """Run the load generator in a process of its own (see tests/loadgen.py) and read its outcome."""
-    flags = [part for name, value in options.items() for part in (f"--{name}", str(value))]
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.loadgen", mode, url, str(image), *flags],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    return Outcome(**json.loads(done.stdout))
+    return loadgen.finish(loadgen.start(mode, url, image, **options))
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 from api.errors import ModelLoadError, first_line
 from api.remote.host.aside import AsideFailed
 from api.remote.messages import Loaded, SwapFigures
@@ -192,7 +194,12 @@ class Swapper:
             total_s=round(now - swap.started, 3),
             frontends_dropped=swap.dropped,
         )
-        logger.info("model version %s serving (was %s)", swap.version, swap.previous_version, extra=_fields(figures))
+        logger.info(
+            "model version %s serving (was %s)",
+            swap.version,
+            swap.previous_version,
+            extra=msgspec.structs.asdict(figures),
+        )
         self._idle()
         self.host.answer(swap.requester, Loaded(swap.token, 200, figures=figures))
 
@@ -212,7 +219,3 @@ class Swapper:
     def _idle(self) -> None:
         self.state = State.IDLE
         self.swap = None
-
-
-def _fields(figures: SwapFigures) -> dict[str, object]:
-    return {name: getattr(figures, name) for name in figures.__struct_fields__}
