@@ -17,7 +17,7 @@ import httpx
 from tqdm import tqdm
 
 from api.config import Settings, load_settings
-from api.errors import CatBreedsError, StartupError
+from api.errors import EXIT_BAD_CONFIG, EXIT_ERROR, CatBreedsError, StartupError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif", ".mpo"}
 LOCAL_BATCH = 16
@@ -25,9 +25,9 @@ LOCAL_BATCH = 16
 Result = dict[str, Any]
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, status: int = EXIT_BAD_CONFIG) -> None:
     sys.stderr.write(f"cat-breeds-api: {message}\n")
-    raise SystemExit(code)
+    raise SystemExit(status)
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -103,7 +103,7 @@ def _key_headers(args: argparse.Namespace) -> dict[str, str]:
 def _refused(response: httpx.Response, endpoint: str, sent_key: bool) -> None:
     if response.status_code == 401:
         why = "refused the API key it was sent" if sent_key else "requires an API key"
-        _fail(f"{endpoint} {why} (401); pass --api-key, or set API_API_KEY or API_API_KEY_FILE", code=1)
+        _fail(f"{endpoint} {why} (401); pass --api-key, or set API_API_KEY or API_API_KEY_FILE", EXIT_ERROR)
 
 
 def _predict_remote(
@@ -117,7 +117,7 @@ def _predict_remote(
                 with path.open("rb") as stream:
                     response = client.post(endpoint, params=params, files={"file": (path.name, stream)})
             except httpx.HTTPError as error:
-                _fail(f"cannot reach {endpoint}: {error}", code=1)
+                _fail(f"cannot reach {endpoint}: {error}", EXIT_ERROR)
             _refused(response, endpoint, bool(headers))
             body = response.json() if response.headers.get("content-type", "").startswith("application/json") else {}
             if response.status_code == 200:
@@ -129,17 +129,17 @@ def _predict_remote(
 
 
 def _predict_local(files: list[Path], settings: Settings, top_k: int | None, bar: tqdm) -> Iterator[Result]:
-    """The server's own pipeline (api.engine.service.Engine) without HTTP: same decode limits,
+    """The server's own pipeline (api.engine.serving.service.Engine) without HTTP: same decode limits,
     reduced-scale decoding, runtime, batching and ranking, so a file scores as the server scores it."""
     import asyncio
 
-    from api.engine.pipeline import Classified
-    from api.engine.service import Engine
+    from api.engine.serving.pipeline import Classified
+    from api.engine.serving.service import Engine
 
     try:
         engine = Engine.start(settings.model_group, settings.batching_group)
     except StartupError as error:
-        _fail(str(error), code=1)
+        _fail(str(error), EXIT_ERROR)
     k = top_k or settings.top_k
     size = min(LOCAL_BATCH, settings.max_queue)
     try:
@@ -194,7 +194,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         _write(results, args.format, sys.stdout)
     if any("error" in r for r in results):
-        raise SystemExit(1)
+        raise SystemExit(EXIT_ERROR)
 
 
 # --- demo-model ------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def cmd_demo_model(args: argparse.Namespace) -> None:
     try:
         path = write_demo_model(args.output, overwrite=args.force)
     except CatBreedsError as error:
-        _fail(str(error), code=1)
+        _fail(str(error), EXIT_ERROR)
     sys.stdout.write(f"{path}\n")
 
 
@@ -222,7 +222,7 @@ def cmd_doctor(args: argparse.Namespace) -> None:
     failed = [c for c in checks if c.level == "fail"]
     sys.stdout.write(f"{len(failed)} problem(s) found\n" if failed else "ready for docker compose up\n")
     if failed:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_ERROR)
 
 
 # --- load (rollout check) --------------------------------------------------------------------------
@@ -267,7 +267,7 @@ def cmd_load(args: argparse.Namespace) -> None:
     summary = ", ".join(f"{name}: {count}" for name, count in sorted(counts.items()))
     sys.stdout.write(f"{total} requests in {args.seconds:g}s ({summary})\n")
     if total == 0 or set(counts) != {"200"}:
-        raise SystemExit(1)
+        raise SystemExit(EXIT_ERROR)
 
 
 # --- reload (swap the model without downtime) ------------------------------------------------------
@@ -288,15 +288,18 @@ def cmd_reload(args: argparse.Namespace) -> None:
     try:
         response = httpx.post(endpoint, json=body, headers={"X-API-Key": key}, timeout=args.timeout)
     except httpx.HTTPError as error:
-        _fail(f"cannot reach {endpoint}: {error}", code=1)
+        _fail(f"cannot reach {endpoint}: {error}", EXIT_ERROR)
     try:
         answer = response.json()
     except ValueError:
         answer = {"error": response.text[:200]}
     if response.status_code == 404 and "error" in answer and "unknown model" not in str(answer["error"]):
-        _fail(f"{endpoint}: not found; is API_ADMIN_KEY set on the server? (the route is off without it)", code=1)
+        _fail(
+            f"{endpoint}: not found; is API_ADMIN_KEY set on the server? (the route is off without it)",
+            status=EXIT_ERROR,
+        )
     if response.status_code != 200:
-        _fail(f"reload refused ({response.status_code}): {answer.get('error', answer)}", code=1)
+        _fail(f"reload refused ({response.status_code}): {answer.get('error', answer)}", EXIT_ERROR)
     sys.stdout.write(
         f"serving {name} version {answer['version']} (was {answer['previous_version']}) from {answer['checkpoint']}: "
         f"loaded in {answer['load_s']:.2f}s, every front-end switched in {answer['switch_s'] * 1000:.1f} ms\n"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from api.engine.decode_budget import DEFAULT_BUDGET_MP, DecodeBudget
+from api.cpu import cpu_budget
 from api.errors import ConfigError
 
 ENV_PREFIX = "API_"
@@ -107,11 +107,6 @@ class Settings(BaseSettings):
         description="HTTP front-end (worker) processes (Gunicorn's WEB_CONCURRENCY); unset or 0: the CPUs less "
         "2 on a GPU host, 1 on a CPU host.",
     )
-    inference: Literal["process", "inprocess"] = Field(
-        "process",
-        description="process: one engine process per device holds the model and batches for every front-end "
-        "(front-ends never import torch); inprocess: each worker loads its own model (tests, small hosts).",
-    )
     preprocess: Literal["auto", "frontend", "engine"] = Field(
         "auto",
         description="Where resize + crop run behind an engine process. auto: on the engine's GPU when it has "
@@ -178,12 +173,12 @@ class Settings(BaseSettings):
         50_000_000, ge=1, description="Largest accepted canvas (width x height), checked before decoding."
     )
     decode_budget_mp: float = Field(
-        DEFAULT_BUDGET_MP,
+        22.0,
         ge=1,
         le=1000,
         description="Most one upload may cost to decode and preprocess, in memory and in work: what a photo "
         "of this many megapixels costs as a JPEG at full scale; costlier uploads get 413 "
-        "(api/engine/decode_budget.py).",
+        "(api/engine/images/budget.py).",
     )
     max_batch_files: int = Field(16, ge=1, le=256, description="Most files in one /predict/batch request.")
     graceful_timeout_s: float = Field(20.0, gt=0, description="How long a stop waits for in-flight work.")
@@ -292,86 +287,83 @@ class Settings(BaseSettings):
     @property
     def http_group(self) -> HttpSettings:
         """What the app factory and the routes need: limits on requests, the key, the page, CORS."""
-        return self._group(HttpSettings, cors_origins=tuple(self.cors_origins))
+        return self._group(
+            HttpSettings, cors_origins=tuple(self.cors_origins), max_upload_bytes=int(self.max_upload_mb * 1024 * 1024)
+        )
 
     @property
     def process_group(self) -> ProcessSettings:
         """What the server runners need: where to listen, how to stop."""
         return self._group(ProcessSettings)
 
-    @property
-    def decode_budget(self) -> DecodeBudget:
-        return DecodeBudget(self.decode_budget_mp)
 
-    @property
-    def max_upload_bytes(self) -> int:
-        return int(self.max_upload_mb * 1024 * 1024)
+# The groups below are what each layer is handed: every field is required and has no default of its
+# own; `Settings._group` fills each from the setting of the same name (a few are derived there), so a
+# default lives in one place, the `Settings` field above.
 
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """The model group: passed to `api.engine.loader.load_classifier`."""
+    """The model group: passed to `api.engine.model.loader.load_classifier`."""
 
     checkpoint_path: Path | None
-    model_name: str | None = None
-    num_classes: int | None = None
-    image_size: int | None = None
-    class_names_path: Path | None = None
-    use_ema: bool = True
-    multi_label: bool = False
-    threshold: float = 0.5
-    device: str = "auto"
-    runtime: str = "auto"
-    precision: str = "auto"
-    compile: bool = False
-    cuda_graphs: bool = True
-    max_batch_size: int = 8  # the largest batch the runtime will see (padded sizes, timed choices)
-    cache_dir: Path | None = None  # None: no cache
+    model_name: str | None
+    num_classes: int | None
+    image_size: int | None
+    class_names_path: Path | None
+    use_ema: bool
+    multi_label: bool
+    threshold: float
+    device: str
+    runtime: str
+    precision: str
+    compile: bool
+    cuda_graphs: bool
+    max_batch_size: int  # the largest batch the runtime will see (padded sizes, timed choices)
+    cache_dir: Path | None  # None: no cache (derived: the default folder when unset)
 
 
 @dataclass(frozen=True)
 class BatchingSettings:
-    """The batching group: passed to `api.engine.service.start_engine`."""
+    """The batching group: passed to `api.engine.serving.service.Engine.start` and a front-end's link."""
 
-    max_batch_size: int = 8
-    max_batch_wait_s: float = 0.005
-    max_queue: int = 64
-    request_timeout_s: float = 30.0
-    num_threads: int | None = None
-    workers: int = 1
-    heap_keep_mb: int = 0
-    reduced_decode: bool = True
-    preprocess: str = "auto"
-    max_image_pixels: int = 50_000_000
-    decode_budget: DecodeBudget = field(default_factory=lambda: DecodeBudget(DEFAULT_BUDGET_MP))
+    max_batch_size: int
+    max_batch_wait_s: float  # derived from API_MAX_BATCH_WAIT_MS
+    max_queue: int
+    request_timeout_s: float
+    num_threads: int | None
+    workers: int  # the processes sharing this host's CPUs (thread counts are divided among them)
+    heap_keep_mb: int
+    reduced_decode: bool
+    preprocess: str
+    max_image_pixels: int
+    decode_budget_mp: float
 
 
 @dataclass(frozen=True)
 class HttpSettings:
     """The HTTP group: passed to the app factory; the routes read it."""
 
-    api_key: SecretStr | None = None
-    admin_key: SecretStr | None = None
-    served_model_name: str = "cat-breeds"
-    web_ui: bool = True
-    cors_origins: tuple[str, ...] = ()
-    top_k: int = 5
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_batch_files: int = 16
-    request_timeout_s: float = 30.0  # a request's deadline, counted from its arrival
+    api_key: SecretStr | None
+    admin_key: SecretStr | None
+    served_model_name: str
+    web_ui: bool
+    cors_origins: tuple[str, ...]  # derived: a tuple
+    top_k: int
+    max_upload_bytes: int  # derived from API_MAX_UPLOAD_MB
+    max_batch_files: int
+    request_timeout_s: float  # a request's deadline, counted from its arrival
 
 
 @dataclass(frozen=True)
 class ProcessSettings:
     """The process group: passed to the server runners (uvicorn, the Gunicorn worker)."""
 
-    host: str = "127.0.0.1"
-    port: int = 8000
-    workers: int = 1
-    inference: str = "process"
-    engine_linger_s: float = 10.0
-    graceful_timeout_s: float = 20.0
-    shutdown_delay_s: float = 0.0
+    host: str
+    port: int
+    workers: int
+    graceful_timeout_s: float
+    shutdown_delay_s: float
 
 
 NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
@@ -380,8 +372,6 @@ NVIDIA_GPUS = Path("/proc/driver/nvidia/gpus")
 def default_frontends() -> int:
     """Front-end processes when WEB_CONCURRENCY is unset: on a GPU host the CPUs less two (the engine
     and the system), so decoding keeps the GPU fed; on a CPU host one (the model needs the cores)."""
-    from api.engine.cpu import cpu_budget
-
     try:
         gpus = any(NVIDIA_GPUS.iterdir())
     except OSError:
@@ -425,8 +415,18 @@ def environment_names() -> frozenset[str]:
     return frozenset(names)
 
 
+# Settings that no longer exist, and what to do instead: set, they stop start-up rather than be ignored.
+REMOVED = {
+    "API_INFERENCE": "each worker now sends its images to one engine process per device (swaps, fault "
+    "recovery); unset it",
+}
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Build settings, turning validation failures into a one-line `ConfigError`."""
+    for name, instead in REMOVED.items():
+        if name in os.environ:
+            raise ConfigError(f"{name}={os.environ[name]!r} is no longer a setting: {instead}")
     try:
         return Settings(**overrides)
     except ValidationError as error:

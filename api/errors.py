@@ -9,29 +9,45 @@
     │       ├── UnsafeCheckpoint     the file would have to run code to load
     │       └── CheckpointMismatch   weights, architecture, classes or labels disagree
     └── RequestError                 answered as {"error": {"code", "message"}} with `status`
-        ├── InvalidImage             400 invalid_image / empty_file / invalid_base64 / invalid_json
-        ├── InvalidRequest           400 invalid_request: a malformed v2 infer body
+        ├── InvalidImage             400 invalid_image: not a decodable image
+        │   ├── EmptyFile            400 empty_file
+        │   ├── InvalidMultipart     400 invalid_multipart: a malformed multipart body
+        │   ├── InvalidJson          400 invalid_json: a JSON body that does not parse
+        │   └── InvalidBase64        400 invalid_base64: the JSON body's image is not base64
+        ├── InvalidRequest           400 invalid_request: a malformed v2 infer or load body
+        ├── ModelLoadRefused         400 model_load_failed: the swap cannot serve; the served model stays
+        │   └── ModelLoadBusy        409 model_load_busy: another load is running
         ├── Unauthorized             401 unauthorized: API key missing or wrong (API_API_KEY, API_ADMIN_KEY)
-        ├── PayloadTooLarge          413 payload_too_large
-        ├── ImageTooLarge            413 image_too_large (pixel limit, checked before decoding)
+        ├── NotFound                 404 not_found: no such route, model or version
+        ├── MethodNotAllowed         405 method_not_allowed
+        ├── PayloadTooLarge          413 payload_too_large: the body is over its limit (API_MAX_UPLOAD_MB)
+        ├── ImageTooLarge            413 image_too_large: the canvas is over API_MAX_IMAGE_PIXELS
+        │   └── ImageTooCostly       413 image_too_costly: decoding would cost over API_DECODE_BUDGET_MP
         ├── UnsupportedMediaType     415 unsupported_media_type
         ├── MissingFile              422 missing_file
-        ├── NotFound                 404 not_found: no such model or version (the v2 routes)
-        ├── ModelLoadRefused         400 model_load_failed / 409 model_load_busy: the served model stays
+        ├── ValidationFailed         422 validation_error: a query or form parameter is invalid
+        ├── HttpError                4xx http_error: any other refusal by the web framework
+        ├── InternalError            500 internal_error: a bug (the traceback is logged; never its text)
+        ├── InferenceFailed          500 inference_failed: the forward pass raised
         ├── NotImplementedHere       501 not_implemented
         ├── ServiceUnavailable       503 not_ready (with Retry-After)
         │   └── Overloaded           503 overloaded: the queue is full (with Retry-After)
-        ├── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
+        └── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
 
+The codes above are the only ones a response carries (tests/unit/test_errors.py holds them to it).
 Startup errors carry one line that names the setting or file, the bad value and the fix.
 Request errors carry a stable `code` for programs and a `message` for people.
 """
 
 from __future__ import annotations
 
-# A process's exit status after a failed start: Gunicorn reads 3 as "worker failed to boot" and stops
-# instead of restarting workers that would fail the same way.
-EXIT_BAD_CONFIG = 2
+# Exit statuses, the one table (every process of the service exits with one of these):
+EXIT_OK = 0
+EXIT_ERROR = 1  # the CLI: a request failed, a server answered an error, a file is missing
+EXIT_BAD_CONFIG = 2  # a setting is invalid: fix it and start again (a restart alone fails the same way)
+# the model did not load, or the server never started (port taken, failed lifespan); uvicorn's own
+# status for a failed start, and what Gunicorn reads as "worker failed to boot": it stops instead
+# of restarting workers that would fail the same way
 EXIT_LOAD_FAILED = 3
 
 
@@ -68,22 +84,37 @@ class CheckpointMismatch(ModelLoadError):
 
 
 class RequestError(CatBreedsError):
-    """A request the service refuses; mapped to an HTTP answer in one place (`api.main`)."""
+    """A request the service refuses; mapped to an HTTP answer in one place (`api.http.app`). Each
+    class has one status and one code: a new code is a new class, drawn in the tree above."""
 
     status: int = 400
     code: str = "bad_request"
 
-    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message = message
-        if code is not None:
-            self.code = code
         self.headers = headers or {}
 
 
 class InvalidImage(RequestError):
     status = 400
     code = "invalid_image"
+
+
+class EmptyFile(InvalidImage):
+    code = "empty_file"
+
+
+class InvalidMultipart(InvalidImage):
+    code = "invalid_multipart"
+
+
+class InvalidJson(InvalidImage):
+    code = "invalid_json"
+
+
+class InvalidBase64(InvalidImage):
+    code = "invalid_base64"
 
 
 class InvalidRequest(RequestError):
@@ -109,6 +140,10 @@ class ImageTooLarge(RequestError):
     code = "image_too_large"
 
 
+class ImageTooCostly(ImageTooLarge):
+    code = "image_too_costly"
+
+
 class UnsupportedMediaType(RequestError):
     status = 415
     code = "unsupported_media_type"
@@ -124,14 +159,36 @@ class NotFound(RequestError):
     code = "not_found"
 
 
-class ModelLoadRefused(RequestError):
-    """A model load that did not happen (the served model is untouched): busy (409) or unusable (400)."""
+class MethodNotAllowed(RequestError):
+    status = 405
+    code = "method_not_allowed"
 
+
+class ValidationFailed(RequestError):
+    status = 422
+    code = "validation_error"
+
+
+class HttpError(RequestError):
+    """A refusal the web framework raised itself with a status this tree has no class for."""
+
+    code = "http_error"
+
+    def __init__(self, message: str, *, status: int, headers: dict[str, str] | None = None):
+        super().__init__(message, headers=headers)
+        self.status = status
+
+
+class ModelLoadRefused(RequestError):
+    """A model load that did not happen (the served model is untouched): unusable (400) or busy (409)."""
+
+    status = 400
     code = "model_load_failed"
 
-    def __init__(self, message: str, *, status: int = 400):
-        super().__init__(message, code="model_load_busy" if status == 409 else None)
-        self.status = status
+
+class ModelLoadBusy(ModelLoadRefused):
+    status = 409
+    code = "model_load_busy"
 
 
 class NotImplementedHere(RequestError):
@@ -143,12 +200,17 @@ class ServiceUnavailable(RequestError):
     status = 503
     code = "not_ready"
 
-    def __init__(self, message: str, *, retry_after_s: int = 5, code: str | None = None):
-        super().__init__(message, code=code, headers={"Retry-After": str(retry_after_s)})
+    def __init__(self, message: str, *, retry_after_s: int = 5):
+        super().__init__(message, headers={"Retry-After": str(retry_after_s)})
 
 
 class Overloaded(ServiceUnavailable):
     code = "overloaded"
+
+
+class InternalError(RequestError):
+    status = 500
+    code = "internal_error"
 
 
 class InferenceFailed(RequestError):
@@ -159,6 +221,11 @@ class InferenceFailed(RequestError):
 class GatewayTimeout(RequestError):
     status = 504
     code = "timeout"
+
+    @classmethod
+    def unanswered(cls, timeout_s: float) -> GatewayTimeout:
+        """The answer both serving objects give a request that waited out its deadline."""
+        return cls(f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={timeout_s:g})")
 
 
 def first_line(error: BaseException) -> str:

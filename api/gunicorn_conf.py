@@ -28,13 +28,14 @@ _metrics_dir = Path(os.environ[_MULTIPROC_ENV])
 os.environ.setdefault("API_ENGINE_GROUP", f"gunicorn-{os.getpid()}")
 
 from api.config import ConfigError, load_settings  # noqa: E402 (after the environment is set)
+from api.errors import EXIT_BAD_CONFIG  # noqa: E402
 from api.logs import formatter  # noqa: E402
 
 try:
     _settings = load_settings()
 except ConfigError as error:
     sys.stderr.write(f"configuration error: {error}\n")
-    sys.exit(2)
+    sys.exit(EXIT_BAD_CONFIG)
 
 bind = [f"{_settings.host}:{_settings.port}"]
 workers = _settings.workers

@@ -1,7 +1,8 @@
 """Container health probe: exit 0 when the service on this host answers /health with 200.
 
 `python3 -m api.healthcheck` is what the image's HEALTHCHECK and the Compose healthcheck run, so
-the two always agree; it needs nothing but the standard library (slim images have no curl).
+the two always agree; it needs nothing but the standard library and api.errors' exit statuses
+(slim images have no curl).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import os
 import sys
 import urllib.error
 import urllib.request
+
+from api.errors import EXIT_ERROR, EXIT_OK
 
 
 def main() -> int:
@@ -22,9 +25,9 @@ def main() -> int:
         status = error.code
     except OSError as error:
         sys.stdout.write(f"{url}: {error}\n")
-        return 1
+        return EXIT_ERROR
     sys.stdout.write(f"{url}: {status}\n")
-    return 0 if status == 200 else 1
+    return EXIT_OK if status == 200 else EXIT_ERROR
 
 
 if __name__ == "__main__":

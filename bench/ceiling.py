@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 from api.config import load_settings
-from api.engine.service import Engine
+from api.engine.serving.service import Engine
 from bench.results import CeilingResult
 
 
 class Ceiling:
-    """The service's own pipeline object (api.engine.service.Engine) called in-process: decode pool,
+    """The service's own pipeline object (api.engine.serving.service.Engine) called in-process: decode pool,
     batcher, runtime and ranking, everything but HTTP. The best the service could do.
 
     The machine's speed drifts by several percent over minutes, so the ceiling is not measured once

@@ -2,7 +2,7 @@
 
     make bench            # or: .venv/bin/python -m bench.run --help
 
-1. The ceiling: the service's own pipeline object (`api.engine.service.Engine`: decode pool,
+1. The ceiling: the service's own pipeline object (`api.engine.serving.service.Engine`: decode pool,
    batcher, runtime, ranking) called in-process, without HTTP, at concurrency 1..16 (or twice the
    service's largest batch), with the same runtime (`--runtime`, `--precision`: the ceiling converts
    and times into a fresh model cache that the service then reads). The best level is measured
@@ -33,9 +33,9 @@ import timm
 import torch
 from PIL import Image
 
-from api.engine.batching import IDLE_TRIM_S
-from api.engine.cpu import cpu_budget
-from api.engine.labels import CAT_BREEDS
+from api.cpu import cpu_budget
+from api.engine.model.labels import CAT_BREEDS
+from api.engine.serving.batching import IDLE_TRIM_S
 from bench import report
 from bench.ceiling import Ceiling
 from bench.service import Server, sweep

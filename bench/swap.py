@@ -27,7 +27,7 @@ import timm
 import torch
 from PIL import Image
 
-from api.engine.labels import CAT_BREEDS
+from api.engine.model.labels import CAT_BREEDS
 from tests.support import BIN, process_env, served_process
 
 ADMIN_KEY = "bench-admin-key"

@@ -178,7 +178,7 @@ def _split(model_name: str):  # type: ignore[no-untyped-def]
     import timm
     import torch
 
-    from api.engine.preprocess import build_transform, split_transform
+    from api.engine.model.preprocess import build_transform, split_transform
 
     with torch.device("meta"):
         model = timm.create_model(model_name, pretrained=False)
@@ -191,7 +191,8 @@ def _decode_and_prepare(data: bytes, reduced: bool, model_name: str) -> tuple[fl
     import gc
 
     from api.config import Settings
-    from api.engine.preprocess import _open_formats, decode_image
+    from api.engine.images.budget import DecodeBudget
+    from api.engine.images.decode import _open_formats, decode_image
     from api.errors import RequestError
 
     settings = Settings(_env_file=None)  # the service's defaults: pixel limit, decode budget
@@ -208,7 +209,7 @@ def _decode_and_prepare(data: bytes, reduced: bool, model_name: str) -> tuple[fl
             data,
             max_pixels=settings.max_image_pixels,
             reduce_to=short_side if reduced else None,
-            budget=settings.decode_budget,
+            budget=DecodeBudget(settings.decode_budget_mp),
         )
         pixels = split.pixels(decoded.image)
         assert pixels.shape[-1] == 3 and pixels.dtype == np.uint8
@@ -221,7 +222,7 @@ def _decode_and_prepare(data: bytes, reduced: bool, model_name: str) -> tuple[fl
 def _context() -> multiprocessing.context.BaseContext:
     context = multiprocessing.get_context("forkserver")
     # imported once in the fork server, so each measured child starts warm but fresh
-    context.set_forkserver_preload(["api.engine.preprocess", "api.config", "tests.adversarial", "timm"])
+    context.set_forkserver_preload(["api.engine.model.preprocess", "api.config", "tests.adversarial", "timm"])
     return context
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import socket
 import threading
@@ -19,8 +20,8 @@ from fastapi import FastAPI
 from PIL import Image
 
 from api.config import ModelSettings, Settings
-from api.engine.classifier import Classifier
-from api.engine.loader import load_classifier
+from api.engine.model.classifier import Classifier
+from api.engine.model.loader import load_classifier
 from api.http.app import LoadPolicy, create_app
 from tests.support import (  # noqa: F401 (re-exported: the tests' one import for helpers)
     BIN,
@@ -60,7 +61,14 @@ def load_model(checkpoint: Path, **values: object) -> Classifier:
     values.setdefault("device", "cpu")
     values.setdefault("runtime", "torch")
     values.setdefault("precision", "fp32")  # exact comparisons: auto picks bf16 on an AMX/AVX512-BF16 host
-    return load_classifier(ModelSettings(checkpoint_path=checkpoint, **values))  # type: ignore[arg-type]
+    values.setdefault("cache_dir", None)
+    return load_classifier(model_settings(checkpoint, **values))
+
+
+def model_settings(checkpoint: Path | None, **values: object) -> ModelSettings:
+    """The model group as the service builds it from its settings' defaults, with `values` set."""
+    group = Settings(_env_file=None, checkpoint_path=checkpoint).model_group  # type: ignore[call-arg]
+    return dataclasses.replace(group, **values)  # type: ignore[arg-type]
 
 
 def architecture_checkpoint(architecture: str, folder: Path, num_classes: int = 67) -> Path:

@@ -21,7 +21,12 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
+from api.config import Settings
+from api.engine.images.budget import DecodeBudget
 from api.remote import entrypoints
+
+# what one upload may cost by default (API_DECODE_BUDGET_MP's default)
+DECODE_BUDGET = DecodeBudget(Settings.model_fields["decode_budget_mp"].default)
 
 # --- ports and polling -----------------------------------------------------------------------------
 

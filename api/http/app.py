@@ -23,8 +23,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
 from api.config import HttpSettings, Settings
-from api.engine.pipeline import Pipeline
-from api.errors import EXIT_LOAD_FAILED, RequestError, StartupError
+from api.engine.serving.pipeline import Pipeline
+from api.errors import (
+    EXIT_LOAD_FAILED,
+    HttpError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    RequestError,
+    ValidationFailed,
+)
 from api.http.body_limit import BodyLimitMiddleware
 from api.http.metrics import Metrics, MetricsMiddleware
 from api.http.readiness import ServiceState
@@ -44,27 +52,6 @@ class LoadPolicy:
     # start accepting connections only once loaded (Gunicorn workers sharing a socket); else
     # accept at once and answer "loading" (503) meanwhile
     accept_after_load: bool = False
-
-
-async def _start_engine(settings: Settings, state: ServiceState, metrics: Metrics, policy: LoadPolicy) -> None:
-    """In-process mode: this process loads the model."""
-    from api.engine.service import Engine  # torch: only in this mode
-
-    try:
-        engine = await asyncio.to_thread(Engine.start, settings.model_group, settings.batching_group, metrics)
-    except StartupError as error:
-        state.set_failed(str(error))
-        logger.error("model load failed: %s", error)
-    except Exception as error:  # an unforeseen failure must still end "loading", with its traceback logged
-        state.set_failed(f"unexpected {type(error).__name__} while loading the model: {error}")
-        logger.exception("model load failed unexpectedly")
-    else:
-        state.set_ready(engine)
-        metrics.on_model(engine.served)
-        metrics.load_seconds.set(engine.classifier.load_seconds)
-        _log_ready(engine, settings)
-        return
-    _fail(policy)
 
 
 def _fail(policy: LoadPolicy) -> None:
@@ -89,7 +76,7 @@ class Owner:
 
 
 def _owner(settings: Settings, metrics: Metrics) -> Owner:
-    from api.engine.cpu import cpu_budget
+    from api.cpu import cpu_budget
     from api.remote import wire
     from api.remote.entrypoints import EngineConfig
     from api.remote.frontend.link import EngineLink
@@ -157,27 +144,12 @@ def _log_ready(engine: Pipeline, settings: Settings) -> None:
 def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: ServiceState | None = None) -> FastAPI:
     """Build the app. `state` is the runner's handle for draining (one is made when not given)."""
     load_policy = policy or LoadPolicy()
-    in_process = settings.inference == "inprocess"
-    metrics = Metrics(engine_figures=in_process)
+    metrics = Metrics()
     service = state or ServiceState()
     service.on_ready = metrics.on_ready
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if in_process:
-            loader = asyncio.create_task(_start_engine(settings, service, metrics, load_policy))
-            if load_policy.accept_after_load:
-                # Gunicorn worker: the server starts accepting when the lifespan has started, so other,
-                # ready workers take every connection until this one's model is loaded (none meets a 503)
-                await loader
-            try:
-                yield
-            finally:
-                service.set_stopping()
-                loader.cancel()
-                if service.engine is not None:
-                    await asyncio.to_thread(service.engine.close)
-            return
         from api.remote.frontend.supervisor import keep_linked
 
         owner = app.state.owner = _owner(settings, metrics)
@@ -277,15 +249,17 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         problems = "; ".join(f"{'.'.join(str(p) for p in item['loc'])}: {item['msg']}" for item in error.errors())
-        return _error(request, 422, "validation_error", problems or "invalid request")
+        return await request_error(request, ValidationFailed(problems or "invalid request"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}
-        return _error(
-            request,
-            error.status_code,
-            codes.get(error.status_code, f"http_{error.status_code}"),
-            str(error.detail),
-            getattr(error, "headers", None),
+        """The framework's own refusals (no such route, wrong method), as the tree's classes."""
+        known: dict[int, type[RequestError]] = {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}
+        headers = getattr(error, "headers", None)
+        mapped = known.get(error.status_code)
+        as_tree = (
+            mapped(str(error.detail), headers=headers)
+            if mapped is not None
+            else HttpError(str(error.detail), status=error.status_code, headers=headers)
         )
+        return await request_error(request, as_tree)

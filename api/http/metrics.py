@@ -16,8 +16,7 @@ from prometheus_client import multiprocess as prometheus_multiprocess
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.engine.figures import LATENCY_BUCKETS, PREFIX, EngineFigures
-from api.engine.pipeline import Served
+from api.engine.serving.figures import LATENCY_BUCKETS, PREFIX
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -30,13 +29,12 @@ def multiprocess_mode() -> bool:
 
 
 class Metrics:
-    """The HTTP side's figures; with `engine_figures` also the engine's (in-process mode). Behind an
-    engine process (`API_INFERENCE=process`), those come from it: `exposition(engine=...)`."""
+    """The HTTP side's figures. The engine's (batches, forward time, queue depth) come from the engine
+    process: `exposition(engine=...)` appends them."""
 
-    def __init__(self, *, engine_figures: bool = True) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
-        self.engine = EngineFigures(registry) if engine_figures else None
         self.requests = Counter(
             f"{PREFIX}_http_requests_total",
             "HTTP requests answered, by route template, method and status.",
@@ -91,15 +89,7 @@ class Metrics:
         for stage in STAGES:  # exported from the start, so dashboards see zeros, not gaps
             self.stage.labels(stage)
 
-    # --- the engine's observer (api.engine.service.Observer) and readiness's ----------------------
-
-    def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
-        if self.engine is not None:
-            self.engine.on_batch(size, seconds, gpu_bytes)
-
-    def on_depth(self, depth: int) -> None:
-        if self.engine is not None:
-            self.engine.on_depth(depth)
+    # --- what the engine link and readiness report ----------------------------------------------
 
     def on_stage(self, stage: str, seconds: float) -> None:
         self.stage.labels(stage).observe(seconds)
@@ -109,10 +99,6 @@ class Metrics:
         self.images.labels(outcome).inc(count)
         if outcome in ("overloaded", "timeout"):
             self.rejected.labels(outcome).inc(count)
-
-    def on_model(self, served: Served) -> None:
-        if self.engine is not None:
-            self.engine.on_model(served)
 
     def on_ready(self, ready: bool) -> None:
         self.ready.set(1 if ready else 0)

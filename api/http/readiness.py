@@ -15,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
-from api.engine.pipeline import Pipeline, Served
+from api.engine.model.served import Served
+from api.engine.serving.pipeline import Pipeline
 from api.errors import ServiceUnavailable
 
 Status = Literal["loading", "ready", "recovering", "failed", "draining", "stopping"]

@@ -18,11 +18,14 @@ from starlette.datastructures import MutableHeaders
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.errors import InternalError
 from api.logs import REQUEST_ID
 
 logger = logging.getLogger("api.access")
 errors = logging.getLogger(__name__)
-_INTERNAL_ERROR = JSONResponse({"error": {"code": "internal_error", "message": "internal server error"}}, 500)
+_INTERNAL_ERROR = JSONResponse(
+    {"error": {"code": InternalError.code, "message": "internal server error"}}, InternalError.status
+)
 
 _VALID_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _QUIET = ("/health", "/metrics")

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from api.engine.pipeline import Upload
+from api.engine.serving.pipeline import Upload
 from api.errors import InvalidRequest, PayloadTooLarge
 
 HEADER_LENGTH = "inference-header-content-length"

@@ -1,7 +1,7 @@
 """Read the image(s) out of a request: multipart `file`, a raw image body, or JSON with base64.
 
 The declared Content-Type only selects how to *unwrap* the body; whether the bytes are an image is
-decided later, from the bytes themselves (`api.engine.preprocess.decode_image`).
+decided later, from the bytes themselves (`api.engine.model.preprocess.decode_image`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
-from api.errors import InvalidImage, MissingFile, PayloadTooLarge
+from api.errors import InvalidBase64, InvalidJson, InvalidMultipart, MissingFile, PayloadTooLarge
 
 FIELD = "file"
 
@@ -63,7 +63,7 @@ async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -
     except PayloadTooLarge:
         raise
     except Exception as error:  # python-multipart / starlette raise several types for broken bodies
-        raise InvalidImage(f"malformed multipart body: {_root_cause(error)}", code="invalid_multipart") from None
+        raise InvalidMultipart(f"malformed multipart body: {_root_cause(error)}") from None
     try:
         values = form.getlist(FIELD)
         files = [value for value in values if isinstance(value, UploadFile)]
@@ -102,7 +102,7 @@ def _read_base64(body: bytes, *, max_bytes: int) -> Upload:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        raise InvalidImage("request body is not valid JSON", code="invalid_json") from None
+        raise InvalidJson("request body is not valid JSON") from None
     text = payload.get("image") if isinstance(payload, dict) else None
     if not isinstance(text, str) or not text:
         raise MissingFile('JSON body needs {"image": "<base64 image bytes>"}')
@@ -113,6 +113,6 @@ def _read_base64(body: bytes, *, max_bytes: int) -> Upload:
     try:
         data = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
-        raise InvalidImage("the 'image' field is not valid base64", code="invalid_base64") from None
+        raise InvalidBase64("the 'image' field is not valid base64") from None
     filename = payload.get("filename")
     return Upload(filename=filename if isinstance(filename, str) else None, data=data)

@@ -22,6 +22,7 @@ from gunicorn.arbiter import Arbiter
 from uvicorn_worker import UvicornWorker
 
 from api.config import Settings, get_settings
+from api.errors import EXIT_LOAD_FAILED
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +49,6 @@ class DrainingServer(uvicorn.Server):
         timer.start()
 
 
-EXIT_NOT_STARTED = 3  # as uvicorn.run: the server never started (port taken, failed lifespan)
-
-
 def serve(settings: Settings, **config: Any) -> None:
     """uvicorn.run with draining (what `cat-breeds-api serve` runs): answers "loading" meanwhile."""
     from api.http.app import LoadPolicy, create_app
@@ -66,7 +64,7 @@ def serve(settings: Settings, **config: Any) -> None:
     )
     server.run()
     if not server.started:
-        sys.exit(EXIT_NOT_STARTED)
+        sys.exit(EXIT_LOAD_FAILED)  # as uvicorn.run: never started (port taken, failed lifespan)
 
 
 class Worker(UvicornWorker):

@@ -29,8 +29,8 @@ from typing import Any
 import msgspec
 import numpy as np
 
-from api.engine.pipeline import Served
-from api.engine.recipe import Recipe
+from api.engine.images.recipe import Recipe
+from api.engine.model.served import Served
 
 MAX_MESSAGE = 1 << 16  # bytes; records per message are capped to stay under this
 HEARTBEAT_S = 0.5  # how often the engine says it is alive (and how far its batches got)

@@ -62,13 +62,6 @@ def test_model_management_needs_the_admin_key(managed: str, tiny_checkpoint: Pat
     assert again.json()["checkpoint"] == str(tiny_checkpoint)
 
 
-def test_in_process_mode_says_swaps_need_the_engine_process(tiny_checkpoint: Path) -> None:
-    with running_server(_settings(tiny_checkpoint, admin_key=ADMIN, inference="inprocess")) as url:
-        answer = httpx.post(url + LOAD, headers={"X-API-Key": ADMIN})
-        assert answer.status_code == 501 and "API_INFERENCE=process" in answer.json()["error"]
-        assert httpx.get(url + "/v2/health/ready").json() == {"ready": True}
-
-
 def test_body_limits_answer_in_the_v2_shape(tiny_server: str) -> None:
     too_big = httpx.post(tiny_server + "/v2/models/cat-breeds/infer", content=b"x" * (8 * 1024 * 1024))
     assert too_big.status_code == 413 and set(too_big.json()) == {"error"} and "exceeds" in too_big.json()["error"]

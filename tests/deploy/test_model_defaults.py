@@ -27,7 +27,7 @@ import yaml
 from timm.models import save_for_hf
 
 from api.config import load_settings
-from api.engine.loader import load_classifier
+from api.engine.model.loader import load_classifier
 from tests.helpers import BIN, process_env, served_process, tiny_model
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -14,10 +14,10 @@ import httpx
 import pytest
 import torch
 
-from api.engine.classifier import Classifier
-from api.engine.preprocess import decode_image
+from api.engine.images.decode import decode_image
+from api.engine.model.classifier import Classifier
 from tests.helpers import IMAGENET_CATS, load_model, make_settings, running_server
-from tests.support import scrape
+from tests.support import DECODE_BUDGET, scrape
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -30,7 +30,7 @@ def cpu_fp32(demo_dir: Path) -> Classifier:
 
 
 def _prepared(classifier: Classifier, *jpegs: bytes) -> list:
-    return [classifier.prepare(decode_image(data, max_pixels=10**8).image) for data in jpegs]
+    return [classifier.prepare(decode_image(data, max_pixels=10**8, budget=DECODE_BUDGET).image) for data in jpegs]
 
 
 @pytest.mark.parametrize(("precision", "tolerance"), [("fp32", 2e-3), ("fp16", 0.02), ("bf16", 0.05)])

@@ -1,4 +1,4 @@
-"""The engine-side resize + crop (api/engine/device_resize.py, what a GPU engine runs) agrees with the
+"""The engine-side resize + crop (api/engine/images/device_resize.py, what a GPU engine runs) agrees with the
 exact PIL path on real photos: top-1 >= 99.5 % and max |probability difference| <= 0.02, for
 resnet50, efficientnet_b3 and convnext_base (and the demo's real ImageNet weights). Runs on the CPU:
 torch's CPU and CUDA antialiased kernels implement the same filter."""
@@ -13,7 +13,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from api.engine.device_resize import resize_crop
+from api.engine.images.device_resize import resize_crop
 from tests.helpers import architecture_checkpoint, load_model
 
 PHOTOS = ["chelsea", "coffee", "astronaut", "cat", "rocket", "immunohistochemistry", "retina", "hubble_deep_field"]

@@ -15,8 +15,8 @@ import timm
 import torch
 from PIL import Image
 
-from api.engine.classifier import Classifier
-from api.engine.runtime import cpu_flags
+from api.engine.model.classifier import Classifier
+from api.engine.model.runtimes.base import cpu_flags
 from tests.helpers import architecture_checkpoint, load_model, scores_of
 
 # OpenVINO's CPU plugin computes bf16 only with AMX; on AVX512-BF16 alone it runs f32 whatever the

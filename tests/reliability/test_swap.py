@@ -28,7 +28,7 @@ import torch
 from timm.models import save_for_hf
 
 from api.config import load_settings
-from api.engine.service import Engine
+from api.engine.serving.service import Engine
 from tests.helpers import BIN, CLI, ServerProcess, eventually, process_env, served_process, tiny_model
 from tests.support import engine_pids
 

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from api.config import Settings
+from api.engine.images.budget import DecodeBudget
 from tests.adversarial import BOUND, REFERENCE, Measured, corpus, least, measure, reference, table
 from tests.helpers import CLI, served_process
 
@@ -69,10 +70,10 @@ def test_every_upload_costs_at_most_twice_a_12mp_photo(files: dict[str, bytes], 
 
 
 def test_refusals_say_what_is_wrong_and_what_would_pass(files: dict[str, bytes]) -> None:
-    from api.engine.preprocess import decode_image
+    from api.engine.images.decode import decode_image
     from api.errors import ImageTooLarge
 
-    budget = Settings(_env_file=None).decode_budget
+    budget = DecodeBudget(Settings(_env_file=None).decode_budget_mp)
     for name in ("rgba_7000x7000.png", "tiff_tile_8192_for_64x64.tif", "progressive_2000_scans.jpg", "photo_12mp.webp"):
         with pytest.raises(ImageTooLarge) as refused:
             decode_image(files[name], max_pixels=50_000_000, reduce_to=235, budget=budget)
@@ -83,8 +84,8 @@ def test_refusals_say_what_is_wrong_and_what_would_pass(files: dict[str, bytes])
 
 
 def test_a_larger_budget_lets_costlier_images_through(files: dict[str, bytes]) -> None:
-    from api.engine.decode_budget import DecodeBudget
-    from api.engine.preprocess import decode_image
+    from api.engine.images.budget import DecodeBudget
+    from api.engine.images.decode import decode_image
 
     data = files["photo_12mp.webp"]
     with pytest.raises(Exception, match="API_DECODE_BUDGET_MP"):
@@ -128,7 +129,7 @@ def test_a_burst_of_costly_uploads_leaves_the_server_up_and_bounded(
         answer = httpx.post(server.url + "/api/v1/predict", files={"file": ("cat.jpg", chelsea_jpeg)}, timeout=30)
         assert answer.status_code == 200 and answer.json()["predictions"]
     # At most `threads` uploads decode at once, each within the budget; the bodies are held meanwhile.
-    budget_mb = Settings(_env_file=None).decode_budget.allowance.memory / 1024**2  # MiB, as the peak
+    budget_mb = DecodeBudget(Settings(_env_file=None).decode_budget_mp).allowance.memory / 1024**2  # MiB, as the peak
     bodies_mb = sum(len(files[name]) for name in costly) / 1024**2
     bound_mb = threads * budget_mb + 2 * bodies_mb + 64
     print(f"\nburst of {queue}: {statuses}; peak {peak_mb:.0f} MB above the idle server (bound {bound_mb:.0f} MB)")

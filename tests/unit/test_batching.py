@@ -10,8 +10,9 @@ import time
 import pytest
 import torch
 
-from api.engine.batching import Batcher
-from api.engine.classifier import Classifier
+from api.config import Settings
+from api.engine.model.classifier import Classifier
+from api.engine.serving.batching import Batcher
 from api.errors import GatewayTimeout, Overloaded
 from tests.helpers import load_model, noise_image, tiny_model
 
@@ -28,8 +29,20 @@ def _images(classifier: Classifier, count: int) -> list:
     return [classifier.prepare(noise_image(200 + 10 * i, 180, seed=i)) for i in range(count)]
 
 
+def _options(**options: object) -> dict[str, object]:
+    """The service's own batching settings (the Batcher has no defaults of its own), with `options`."""
+    group = Settings(_env_file=None).batching_group  # type: ignore[call-arg]
+    defaults = {
+        "max_batch_size": group.max_batch_size,
+        "max_wait_s": group.max_batch_wait_s,
+        "max_queue": group.max_queue,
+        "timeout_s": group.request_timeout_s,
+    }
+    return {**defaults, **options}
+
+
 def _batcher(classifier: Classifier, **options: object) -> Batcher:
-    batcher = Batcher(**options)  # type: ignore[arg-type]
+    batcher = Batcher(**_options(**options))  # type: ignore[arg-type]
     batcher.start(lambda: classifier)
     return batcher
 
@@ -56,7 +69,7 @@ def test_concurrent_requests_form_one_batch_with_the_same_answers(classifier: Cl
     alone = [classifier.forward([img])[0] for img in images]
     for a, b in zip(together, alone, strict=True):
         torch.testing.assert_close(torch.from_numpy(a), b, rtol=1e-4, atol=1e-5)
-    assert batcher.depth == 0
+    assert batcher.admission.admitted == 0
 
 
 def test_a_lone_request_does_not_wait_for_company(classifier: Classifier) -> None:
@@ -82,8 +95,8 @@ def test_admission_is_bounded(classifier: Classifier) -> None:
             with pytest.raises(Overloaded) as caught, batcher.admit(1):
                 pass
             assert caught.value.status == 503 and caught.value.headers["Retry-After"] == "1"
-            assert batcher.depth == 3
-        assert batcher.depth == 0
+            assert batcher.admission.admitted == 3
+        assert batcher.admission.admitted == 0
         with batcher.admit(3):  # room again once answered
             pass
     finally:
@@ -109,7 +122,7 @@ class _Gated:
 def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -> None:
     """An image whose caller gave up is never run: the thread, busy when it came, drops it after."""
     gated = _Gated(classifier)
-    batcher = Batcher(max_batch_size=1)
+    batcher = Batcher(**_options(max_batch_size=1))  # type: ignore[arg-type]
     batcher.start(lambda: gated)  # type: ignore[arg-type,return-value]
 
     async def scenario() -> None:
@@ -127,7 +140,7 @@ def test_past_deadline_is_504_and_the_image_is_dropped(classifier: Classifier) -
         gated.gate.set()
         batcher.close()
     assert gated.passes == [1], f"the abandoned image was run: passes {gated.passes}"
-    assert batcher.depth == 0
+    assert batcher.admission.admitted == 0
 
 
 def test_failed_decodes_release_their_room(classifier: Classifier) -> None:
@@ -135,6 +148,6 @@ def test_failed_decodes_release_their_room(classifier: Classifier) -> None:
     try:
         with pytest.raises(ValueError), batcher.admit(2):
             raise ValueError("decode failed")
-        assert batcher.depth == 0 and batcher._decoding == 0
+        assert batcher.admission.admitted == 0 and batcher.admission.decoding == 0
     finally:
         batcher.close()

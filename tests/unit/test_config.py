@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,35 @@ def test_api_key_from_a_mounted_secret_file(tmp_path: Path, monkeypatch: pytest.
     monkeypatch.setenv("API_API_KEY", "also-set")
     with pytest.raises(ConfigError, match="API_API_KEY and API_API_KEY_FILE are both set; keep one"):
         load_settings()
+
+
+def test_a_removed_setting_stops_start_up_naming_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("API_INFERENCE", "inprocess")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("API_INFERENCE='inprocess' is no longer a setting")
+    assert "engine process" in message and "unset it" in message
+
+
+DERIVED = {"max_batch_wait_s", "max_upload_bytes"}  # converted units; everything else keeps its setting's name
+
+
+@pytest.mark.parametrize("group", ["model_group", "batching_group", "http_group", "process_group"])
+def test_each_group_takes_its_values_from_the_settings_and_restates_no_default(group: str) -> None:
+    """One source of truth: a group's fields have no defaults of their own (a missing one is a
+    TypeError, not a silent second default), and each is filled from the setting of its name."""
+    settings = Settings(_env_file=None, max_batch_size=3, max_queue=7, port=8123, top_k=2)  # type: ignore[call-arg]
+    built = getattr(settings, group)
+    for item in dataclasses.fields(built):
+        assert item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING, item.name
+        if item.name in DERIVED:
+            continue
+        assert item.name in Settings.model_fields, f"{group}.{item.name} has no setting of its name"
+        expected = getattr(settings, item.name)
+        if item.name == "cache_dir":
+            continue  # derived: the default folder when unset
+        value = getattr(built, item.name)
+        assert value == (tuple(expected) if isinstance(value, tuple) else expected), item.name
+    with pytest.raises(TypeError):
+        type(built)()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from api.engine import cpu as resources
-from api.engine.cpu import cgroup_cpu_quota, cpu_budget
+from api import cpu as resources
+from api.cpu import cgroup_cpu_quota, cpu_budget
 
 
 @pytest.mark.parametrize(

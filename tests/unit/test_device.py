@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from api.engine.device import resolve_device
+from api.engine.model.device import resolve_device
 from api.errors import ConfigError
 
 

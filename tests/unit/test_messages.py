@@ -9,8 +9,8 @@ import msgspec
 import numpy as np
 import pytest
 
-from api.engine.pipeline import Served
-from api.engine.recipe import Recipe
+from api.engine.images.recipe import Recipe
+from api.engine.model.served import Served
 from api.remote import messages, wire
 from api.remote.messages import (
     JOB,

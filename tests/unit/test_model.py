@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.engine.runtime import batch_buckets
+from api.engine.model.runtimes.base import batch_buckets
 from tests.helpers import load_model, random_pixels
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import struct
 import zlib
@@ -12,9 +13,11 @@ import torch
 from PIL import Image
 from torchvision.transforms import Compose
 
-from api.engine.preprocess import build_transform, decode_image, to_rgb
+from api.engine.images.decode import decode_image, to_rgb
+from api.engine.model.preprocess import build_transform
 from api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
 from tests.helpers import jpeg_bytes, png_bytes, tiny_model
+from tests.support import DECODE_BUDGET
 
 LIMIT = 50_000_000
 
@@ -51,7 +54,7 @@ def test_real_architecture_config_resnet50() -> None:
 def test_exif_orientation_is_applied(chelsea: Image.Image) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display": stored landscape, shown portrait
-    decoded = decode_image(jpeg_bytes(chelsea, exif=exif.tobytes()), max_pixels=LIMIT)
+    decoded = decode_image(jpeg_bytes(chelsea, exif=exif.tobytes()), max_pixels=LIMIT, budget=DECODE_BUDGET)
     assert decoded.image.size == (300, 451)
 
 
@@ -92,13 +95,13 @@ def test_transparency_is_composited_on_white() -> None:
 )
 def test_non_images_and_corrupt_headers(payload: bytes, error: type[Exception]) -> None:
     with pytest.raises(error):
-        decode_image(payload, max_pixels=LIMIT)
+        decode_image(payload, max_pixels=LIMIT, budget=DECODE_BUDGET)
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
 def test_truncated_jpeg_is_invalid(chelsea_jpeg: bytes, fraction: float) -> None:
     with pytest.raises(InvalidImage):
-        decode_image(chelsea_jpeg[: int(len(chelsea_jpeg) * fraction)], max_pixels=LIMIT)
+        decode_image(chelsea_jpeg[: int(len(chelsea_jpeg) * fraction)], max_pixels=LIMIT, budget=DECODE_BUDGET)
 
 
 def _png_header_only(width: int, height: int) -> bytes:
@@ -116,35 +119,38 @@ def test_gigantic_canvas_is_refused_from_the_header() -> None:
     bomb = _png_header_only(100_000, 100_000)
     assert len(bomb) < 200
     with pytest.raises(ImageTooLarge, match=r"10000000000 pixels.*API_MAX_IMAGE_PIXELS"):
-        decode_image(bomb, max_pixels=LIMIT)
+        decode_image(bomb, max_pixels=LIMIT, budget=DECODE_BUDGET)
 
 
 def test_pixel_limit_is_the_setting(chelsea_jpeg: bytes) -> None:
     with pytest.raises(ImageTooLarge, match="API_MAX_IMAGE_PIXELS"):
-        decode_image(chelsea_jpeg, max_pixels=451 * 300 - 1)
-    assert decode_image(chelsea_jpeg, max_pixels=451 * 300).width == 451
+        decode_image(chelsea_jpeg, max_pixels=451 * 300 - 1, budget=DECODE_BUDGET)
+    assert decode_image(chelsea_jpeg, max_pixels=451 * 300, budget=DECODE_BUDGET).width == 451
 
 
 def test_formats_from_bytes_not_names(chelsea: Image.Image) -> None:
     for fmt in ("PNG", "WEBP", "BMP", "TIFF", "GIF"):
         buffer = io.BytesIO()
         chelsea.save(buffer, format=fmt)
-        decoded = decode_image(buffer.getvalue(), max_pixels=LIMIT)
+        decoded = decode_image(buffer.getvalue(), max_pixels=LIMIT, budget=DECODE_BUDGET)
         assert decoded.format == fmt and decoded.image.mode == "RGB"
 
 
 def test_small_images_and_pngs_are_not_reduced(chelsea: Image.Image) -> None:
-    small = decode_image(jpeg_bytes(chelsea), max_pixels=LIMIT, reduce_to=256)
+    small = decode_image(jpeg_bytes(chelsea), max_pixels=LIMIT, reduce_to=256, budget=DECODE_BUDGET)
     assert small.image.size == (451, 300)
     big_png = io.BytesIO()
     chelsea.resize((1804, 1200)).save(big_png, format="PNG")
-    assert decode_image(big_png.getvalue(), max_pixels=LIMIT, reduce_to=256).image.size == (1804, 1200)
+    assert decode_image(big_png.getvalue(), max_pixels=LIMIT, reduce_to=256, budget=DECODE_BUDGET).image.size == (
+        1804,
+        1200,
+    )
 
 
 def _resnet50_split():  # type: ignore[no-untyped-def]
     import timm
 
-    from api.engine.preprocess import split_transform
+    from api.engine.model.preprocess import split_transform
 
     with torch.device("meta"):
         model = timm.create_model("resnet50", pretrained=False)
@@ -166,7 +172,7 @@ def test_ordinary_shapes_get_timms_exact_pixels(chelsea: Image.Image, size: tupl
 @pytest.mark.parametrize("size", [(8000, 300), (300, 8000), (20_000, 240)])
 def test_extreme_shapes_resize_only_the_crop_and_agree_with_timm(chelsea: Image.Image, size: tuple[int, int]) -> None:
     """Past the exact limit only the cropped region is resized: the same image to rounding."""
-    from api.engine.preprocess import EXACT_RESIZE_LIMIT
+    from api.engine.images.recipe import EXACT_RESIZE_LIMIT
 
     transform, split = _resnet50_split()
     image = chelsea.resize(size, Image.Resampling.BILINEAR)
@@ -188,7 +194,7 @@ def test_a_50000x1_strip_costs_what_its_crop_costs() -> None:
 
 
 def test_budget_allows_a_photo_and_refuses_from_the_header(chelsea: Image.Image) -> None:
-    from api.engine.decode_budget import DecodeBudget, ImageFacts, estimate, reference_photo
+    from api.engine.images.budget import DecodeBudget, ImageFacts, estimate, reference_photo
 
     budget = DecodeBudget(22)
     assert budget.check(reference_photo(12)).memory < budget.allowance.memory
@@ -217,13 +223,13 @@ def test_alpha_is_composited_as_before(chelsea: Image.Image) -> None:
 def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpeg: bytes) -> None:
     """The v2 pixels model's input: a photo's own pixels give the model input its file gives; the
     canvas limit and the decode budget hold for pixels as for files."""
-    from api.config import BatchingSettings
-    from api.engine.decode import check_pixels
-    from api.engine.decode_budget import DecodeBudget
-    from api.engine.pipeline import prepare_upload
+    from api.config import Settings
+    from api.engine.images.budget import DecodeBudget
+    from api.engine.images.decode import check_pixels
+    from api.engine.serving.pipeline import prepare_upload
 
     _, split = _resnet50_split()
-    options = BatchingSettings()
+    options = Settings(_env_file=None).batching_group  # type: ignore[call-arg]
     _, from_file, _ = prepare_upload(chelsea_jpeg, split, options, reduce_to=None)
     pixels = np.asarray(Image.open(io.BytesIO(chelsea_jpeg)).convert("RGB"))
     info, from_pixels, resize = prepare_upload(pixels, split, options, reduce_to=224)
@@ -235,8 +241,8 @@ def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpe
     assert resize and shipped.shape == (300, 451, 3)
     np.testing.assert_array_equal(shipped, shipped_file)
     with pytest.raises(ImageTooLarge, match="API_MAX_IMAGE_PIXELS"):
-        prepare_upload(pixels, split, BatchingSettings(max_image_pixels=451 * 300 - 1), reduce_to=None)
+        prepare_upload(pixels, split, dataclasses.replace(options, max_image_pixels=451 * 300 - 1), reduce_to=None)
     canvas = np.zeros((5000, 5000, 3), np.uint8)  # zero pages: priced, never touched
     with pytest.raises(ImageTooLarge, match="MP or less"):
         check_pixels(canvas, max_pixels=LIMIT, budget=DecodeBudget(5))
-    assert check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT).memory > 0  # 12 MP passes
+    assert check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT, budget=DECODE_BUDGET).memory > 0  # 12 MP passes

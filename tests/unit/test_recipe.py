@@ -8,8 +8,8 @@ import skimage.data
 from PIL import Image
 from timm.data import create_transform
 
-from api.engine.preprocess import split_transform
-from api.engine.recipe import Recipe
+from api.engine.images.recipe import Recipe
+from api.engine.model.preprocess import split_transform
 
 PHOTOS = {
     "chelsea": skimage.data.chelsea(),  # 451 x 300
@@ -58,6 +58,6 @@ def test_recipe_modules_need_no_torch() -> None:
     import subprocess
     import sys
 
-    code = "import api.engine.recipe, api.engine.decode, sys; print('torch' in sys.modules)"
+    code = "import api.engine.images.recipe, api.engine.images.decode, sys; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.engine.pipeline import Served
+from api.engine.model.served import Served
 from api.errors import ModelLoadError
 from api.remote import messages, wire
 from api.remote.host.rules import (

@@ -1,5 +1,5 @@
 """Prediction routes: one image, or several in one request. They parse the request and shape the
-answer; the engine (api/engine/service.py) does the rest."""
+answer; the engine (api/engine/serving/service.py) does the rest."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
 
-from api.engine.pipeline import Classification, Classified, Served
+from api.engine.model.served import Served
+from api.engine.serving.pipeline import Classification, Classified
 from api.errors import RequestError
 from api.http.deps import HttpDep, MetricsDep, StateDep, require_api_key
 from api.http.metrics import Metrics

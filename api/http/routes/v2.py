@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
@@ -22,7 +22,8 @@ from fastapi.responses import JSONResponse
 
 from api import __version__
 from api.config import HttpSettings
-from api.engine.pipeline import Classified, Pipeline, Served
+from api.engine.model.served import Served
+from api.engine.serving.pipeline import Classified, Pipeline
 from api.errors import InvalidRequest, NotFound, NotImplementedHere, RequestError
 from api.http.deps import HttpDep, MetricsDep, StateDep, require_admin_key, require_api_key
 from api.http.readiness import ServiceState
@@ -46,6 +47,9 @@ from api.http.tensors import (
     output_tensor,
     parse_infer,
 )
+
+if TYPE_CHECKING:
+    from api.remote.frontend.link import EngineLink
 
 PREFIX = "/v2"
 PLATFORM = "pytorch_timm"
@@ -270,7 +274,7 @@ async def repository_index(state: StateDep, http: HttpDep) -> list[dict[str, str
     "/models/{name}/load",
     summary="Load (swap in) a checkpoint without downtime",
     response_model=ModelLoaded,
-    responses=_errors(400, 401, 404, 409, 501, 503),
+    responses=_errors(400, 401, 404, 409, 503),
 )
 async def load_model(name: str, request: Request, state: StateDep, http: HttpDep) -> dict[str, Any]:
     """Load `parameters.checkpoint` (else the configured checkpoint, read again) beside the served
@@ -279,11 +283,9 @@ async def load_model(name: str, request: Request, state: StateDep, http: HttpDep
     400: it cannot serve (the old model keeps serving, the error says why); 409: a load is running."""
     _input(name, http)
     checkpoint = _checkpoint_parameter(await request.body())
-    engine = state.require_ready()
-    reload = getattr(engine, "reload", None)
-    if reload is None:
-        raise NotImplementedHere("model swaps need the engine process (API_INFERENCE=process, the default)")
-    answer: dict[str, Any] = await reload(checkpoint)  # ModelLoadRefused: 400 or 409, the old model serves
+    state.require_ready()
+    link: EngineLink = request.app.state.owner.link  # the front-end's link to the engine process
+    answer = await link.reload(checkpoint)  # ModelLoadRefused: 400 or 409, the old model serves
     return {"name": name, **{k: v for k, v in answer.items() if k not in ("token", "status")}}
 
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from api.engine.pipeline import BatchRun, Served
+from api.engine.model.served import Served
+from api.engine.serving.pipeline import BatchRun
 from api.errors import GatewayTimeout, ServiceUnavailable
 from api.remote import wire
 

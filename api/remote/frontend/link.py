@@ -1,7 +1,7 @@
 """A front-end process's side of the engine process: admit, decode, ship pixels, await answers.
 
-`EngineLink` is a `Pipeline` (api/engine/pipeline.py) like the in-process `Engine`, and imports no
-torch: it decodes uploads in its own pool with the recipe the engine sent (api/engine/recipe.py),
+`EngineLink` is a `Pipeline` (api/engine/serving/pipeline.py) like the in-process `Engine`, and imports no
+torch: it decodes uploads in its own pool with the recipe the engine sent (api/engine/images/recipe.py),
 writes the pixels into its ring slot, sends one job record per image and resolves each request's
 futures from the engine's replies (read by the event loop, `add_reader`).
 
@@ -38,7 +38,9 @@ import msgspec
 import numpy as np
 
 from api.config import BatchingSettings
-from api.engine.pipeline import (
+from api.engine.images.recipe import Recipe
+from api.engine.serving.admission import Admission
+from api.engine.serving.pipeline import (
     BatchRun,
     Classification,
     ImageDescription,
@@ -49,17 +51,16 @@ from api.engine.pipeline import (
     outcomes_in_order,
     prepare_upload,
 )
-from api.engine.recipe import Recipe
 from api.errors import (
     GatewayTimeout,
     InferenceFailed,
+    ModelLoadBusy,
     ModelLoadRefused,
     Overloaded,
     RequestError,
     ServiceUnavailable,
 )
 from api.remote import wire
-from api.remote.frontend.admission import Admission
 from api.remote.frontend.inflight import InFlight, PendingJob
 from api.remote.frontend.liveness import Liveness
 from api.remote.frontend.spawner import kill_engine
@@ -257,9 +258,7 @@ class EngineLink:
             )
         except TimeoutError:
             self.in_flight.abandon(pending, self.ring)
-            raise GatewayTimeout(
-                f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.options.request_timeout_s:g})"
-            ) from None
+            raise GatewayTimeout.unanswered(self.options.request_timeout_s) from None
         infos = [item if isinstance(item, RequestError) else item[0] for item in prepared]
         served = answers[-1][2] if answers else view.served
         outcomes = outcomes_in_order(infos, [(s, run) for s, run, _ in answers], served, self._observer, top_k)
@@ -318,7 +317,7 @@ class EngineLink:
         finally:
             self._loads.pop(token, None)
         if answer.status != 200 or answer.figures is None:
-            raise ModelLoadRefused(answer.error or "refused", status=answer.status)
+            raise (ModelLoadBusy if answer.status == 409 else ModelLoadRefused)(answer.error or "refused")
         return msgspec.structs.asdict(answer.figures)
 
     def _switch(self, offer: ModelOffer) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from api.engine.pipeline import Pipeline
+from api.engine.serving.pipeline import Pipeline
 from api.errors import StartupError
 from api.remote import wire
 from api.remote.frontend.link import EngineLink

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from api.engine.pipeline import BatchRun
+from api.engine.serving.pipeline import BatchRun
 from api.errors import first_line
 from api.remote import wire
 from api.remote.messages import DROPPED, FAILED, OK, REPLY, replies

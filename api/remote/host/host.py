@@ -1,7 +1,7 @@
 """The engine process: one per device, the model loaded once, batching across every front-end.
 
     front-ends --Jobs--> [main thread: socket reader] --submit--> Batcher (the same code as in one
-    process: api/engine/batching.py) --forward--> scores written into each front-end's ring slot
+    process: api/engine/serving/batching.py) --forward--> scores written into each front-end's ring slot
     --Replies--> front-ends
 
 The main thread accepts front-ends, reads their messages (api/remote/messages.py) and turns each job
@@ -38,11 +38,11 @@ import numpy as np
 from prometheus_client import CollectorRegistry, generate_latest
 
 from api.config import ModelSettings
-from api.engine.cpu import cpu_budget
-from api.engine.device_resize import resize_mode
-from api.engine.figures import EngineFigures
+from api.cpu import cpu_budget
+from api.engine.images.device_resize import resize_mode
 from api.engine.memory import release_free_memory
-from api.engine.service import Engine
+from api.engine.serving.figures import EngineFigures
+from api.engine.serving.service import Engine
 from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
 from api.remote import wire
 from api.remote.entrypoints import EngineConfig

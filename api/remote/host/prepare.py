@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from api.config import ModelSettings
-from api.errors import ModelLoadError
+from api.errors import EXIT_LOAD_FAILED, ModelLoadError
 from api.remote import entrypoints
 from api.remote.host.aside import run_aside
 from api.remote.host.rules import HEADROOM_BYTES, PREPARE_BYTES, checkpoint_bytes, device_room, host_room
@@ -87,8 +87,8 @@ def main(argv: list[str]) -> int:
 
     import torch
 
-    from api.engine.loader import load_classifier
-    from api.errors import EXIT_LOAD_FAILED, StartupError, first_line
+    from api.engine.model.loader import load_classifier
+    from api.errors import EXIT_OK, StartupError, first_line
 
     torch.set_num_threads(threads)
     try:
@@ -99,7 +99,7 @@ def main(argv: list[str]) -> int:
     except Exception as error:  # whatever the file made the loader do: the reason, not a traceback
         print(f"unexpected {type(error).__name__} while loading it: {first_line(error)}", flush=True)
         return EXIT_LOAD_FAILED
-    return 0
+    return EXIT_OK
 
 
 def _die_with_the_engine() -> None:
@@ -107,7 +107,7 @@ def _die_with_the_engine() -> None:
     parent = os.getppid()
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:  # it died before the line above
-        os._exit(1)
+        os._exit(EXIT_LOAD_FAILED)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from api.engine.pipeline import Served
+from api.engine.model.served import Served
 from api.errors import ModelLoadError
 
 MIB = 1024 * 1024

@@ -31,7 +31,7 @@ from api.remote.host.aside import AsideFailed
 from api.remote.messages import Loaded, SwapFigures
 
 if TYPE_CHECKING:
-    from api.engine.service import Engine
+    from api.engine.serving.service import Engine
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from api.engine.cuda_graphs import CudaGraphs
-from api.engine.runtime import Head, pad_rows
+from api.engine.model.runtimes.base import Head, pad_rows
+from api.engine.model.runtimes.cuda_graphs import CudaGraphs
 from api.errors import first_line
 
 logger = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from api.engine.recipe import Recipe
+from api.engine.images.recipe import Recipe
 
 _MODES = {
     int(Image.Resampling.BICUBIC): "bicubic",

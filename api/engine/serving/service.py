@@ -25,17 +25,18 @@ import numpy as np
 import torch
 
 from api.config import BatchingSettings, ModelSettings
-from api.engine.batching import Batcher
-from api.engine.classifier import Classifier
-from api.engine.cpu import CpuBudget, cpu_budget
-from api.engine.loader import load_classifier
+from api.cpu import CpuBudget, cpu_budget
 from api.engine.memory import cap_arenas, keep_freed_memory, release_free_memory
-from api.engine.pipeline import (
+from api.engine.model.classifier import Classifier
+from api.engine.model.loader import load_classifier
+from api.engine.serving.batching import Batcher
+from api.engine.serving.pipeline import (
     BatchRun,
     Classification,
     ImageDescription,
     Ticket,
     Upload,
+    decode_budget,
     outcomes_in_order,
     prepare_upload,
 )
@@ -190,7 +191,7 @@ class Engine:
             "max_queue": options.max_queue,
             "request_timeout_s": options.request_timeout_s,
             "max_image_pixels": options.max_image_pixels,
-            "decode_budget_mb": round(options.decode_budget.allowance.memory_mb),
+            "decode_budget_mb": round(decode_budget(options).allowance.memory_mb),
             "reduced_decode": options.reduced_decode,
         }
 

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram
 
-from api.engine.pipeline import Served
+from api.engine.model.served import Served
 
 PREFIX = "cat_breeds_api"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
 class EngineFigures:
-    """The engine's observer (api.engine.service.Observer, minus the per-image stages)."""
+    """The engine's observer (api.engine.serving.service.Observer, minus the per-image stages)."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.inference = Histogram(

@@ -18,17 +18,18 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
 
-from api.engine.classifier import Classifier
 from api.engine.memory import release_free_memory
-from api.engine.pipeline import BatchRun, Ticket
-from api.errors import GatewayTimeout, Overloaded
+from api.engine.model.classifier import Classifier
+from api.engine.serving.admission import Admission
+from api.engine.serving.pipeline import BatchRun, Ticket
+from api.errors import GatewayTimeout
 
 logger = logging.getLogger(__name__)
 
@@ -111,10 +112,10 @@ class Batcher:
     def __init__(
         self,
         *,
-        max_batch_size: int = 16,
-        max_wait_s: float = 0.005,
-        max_queue: int = 64,
-        timeout_s: float = 30.0,
+        max_batch_size: int,
+        max_wait_s: float,
+        max_queue: int,
+        timeout_s: float,
         on_batch: BatchObserver | None = None,
         on_depth: DepthObserver | None = None,
         on_its_way: Callable[[], int] | None = None,
@@ -123,17 +124,13 @@ class Batcher:
         self.classifier: Classifier | None = None
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
-        self.max_queue = max_queue
         self.timeout_s = timeout_s
+        self.admission = Admission(max_queue, on_depth=on_depth)
         self._on_batch = on_batch
-        self._on_depth = on_depth
         # images admitted and not queued yet, wherever they are decoded (here, or in front-end processes)
-        self._on_its_way: Callable[[], int] = on_its_way or (lambda: self._decoding)
+        self._on_its_way: Callable[[], int] = on_its_way or (lambda: self.admission.decoding)
         self._after_batch = after_batch
         self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._admitted = 0  # images admitted and not yet answered (decoding, queued or running)
-        self._decoding = 0  # of those, images not yet queued: "more is on its way"
-        self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
     def start(self, load: Callable[[], Classifier]) -> Classifier:
@@ -157,39 +154,11 @@ class Batcher:
         self._thread.start()
         return loaded.result()
 
-    # --- admission (event loop side) -------------------------------------------------------------
+    # --- admission and waiting (event loop side) ---------------------------------------------
 
-    @property
-    def depth(self) -> int:
-        """Images admitted and not yet answered: what the queue-depth gauge reports."""
-        return self._admitted
-
-    @contextmanager
-    def admit(self, images: int = 1) -> Iterator[Ticket]:
+    def admit(self, images: int) -> AbstractContextManager[Ticket]:
         """Reserve room for `images` before decoding them, or refuse with 503 (never queue unboundedly)."""
-        with self._lock:
-            if self._admitted + images > self.max_queue:
-                raise Overloaded(
-                    f"over capacity: {self._admitted} images in progress (API_MAX_QUEUE={self.max_queue}); retry",
-                    retry_after_s=1,
-                )
-            self._admitted += images
-            self._decoding += images
-            depth = self._admitted
-        self._report_depth(depth)
-        ticket = Ticket()
-        try:
-            yield ticket
-        finally:
-            with self._lock:
-                self._admitted -= images
-                self._decoding -= images - ticket.queued  # images that failed to decode never came
-                depth = self._admitted
-            self._report_depth(depth)
-
-    def _report_depth(self, depth: int) -> None:
-        if self._on_depth is not None:
-            self._on_depth(depth)
+        return self.admission.admit(images)
 
     async def predict(
         self, ticket: Ticket, images: list[Prepared], *, deadline: float | None = None
@@ -197,19 +166,16 @@ class Batcher:
         """Scores for admitted, preprocessed images (rows in order) and how each was served."""
         loop = asyncio.get_running_loop()
         items = [_AsyncJob(pixels, loop.create_future(), loop) for pixels in images]
-        with self._lock:
-            self.submit(items)
-            ticket.queued += len(items)
-            self._decoding -= len(items)
+        self.submit(items)
+        ticket.queued += len(items)
+        self.admission.sent(len(items))
         remaining = (deadline or time.monotonic() + self.timeout_s) - time.monotonic()
         try:
             results = await asyncio.wait_for(asyncio.gather(*(i.future for i in items)), timeout=max(remaining, 0))
         except TimeoutError:
             for item in items:
                 item.gave_up = True
-            raise GatewayTimeout(
-                f"no answer within the request deadline (API_REQUEST_TIMEOUT_S={self.timeout_s:g})"
-            ) from None
+            raise GatewayTimeout.unanswered(self.timeout_s) from None
         return np.stack([row for row, _ in results]), [run for _, run in results]
 
     def submit(self, jobs: Sequence[Job]) -> None:

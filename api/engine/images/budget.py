@@ -9,10 +9,10 @@ preprocessing allocate and compute, step by step:
                  the mode's own bytes per pixel, plus what the decoder holds beside it (libwebp's
                  frame canvases, AVIF's planes, a multi-scan JPEG's coefficients, a TIFF tile)
     EXIF         one more canvas when the orientation tag asks for a rotation or a flip
-    to RGB       the conversions `api.engine.decode.to_rgb` makes for the mode (alpha composited on white,
+    to RGB       the conversions `api.engine.images.decode.to_rgb` makes for the mode (alpha composited on white,
                  16-bit and float samples scaled)
     resize+crop  reads the canvas once; its own buffers are bounded by the model's input size
-                 (`api.engine.recipe.Recipe`), whatever the aspect ratio
+                 (`api.engine.images.recipe.Recipe`), whatever the aspect ratio
 
 The price has two parts: peak memory (bytes) and work, in units of the time a full-scale baseline
 JPEG takes to decode one pixel (measured per format and step on this project's build machine, so
@@ -27,9 +27,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from api.errors import ImageTooLarge
-
-DEFAULT_BUDGET_MP = 22.0
+from api.errors import ImageTooCostly
 
 # Pillow's storage: 1 byte per pixel for these modes, 2 for 16-bit gray, 4 for everything else
 # (RGB is stored as RGBX).
@@ -67,7 +65,7 @@ def canvas_bytes_per_pixel(mode: str) -> int:
 
 
 def _conversion(mode: str, has_transparency: bool) -> tuple[int, float]:
-    """Bytes allocated and work per pixel of `api.engine.decode.to_rgb` for an image in `mode`."""
+    """Bytes allocated and work per pixel of `api.engine.images.decode.to_rgb` for an image in `mode`."""
     if mode == "RGB":
         return 0, 0.0
     if mode in WITH_ALPHA or (mode == "P" and has_transparency):
@@ -163,7 +161,7 @@ def reference_photo(megapixels: float) -> ImageFacts:
 class DecodeBudget:
     """The most one upload may cost: what a `megapixels` photo costs (API_DECODE_BUDGET_MP)."""
 
-    megapixels: float = DEFAULT_BUDGET_MP
+    megapixels: float
 
     @property
     def allowance(self) -> Cost:
@@ -178,10 +176,9 @@ class DecodeBudget:
         # Cost grows about linearly with the pixels: this much of the canvas would pass.
         share = min(allowance.memory / cost.memory, allowance.work / cost.work)
         passing_mp = facts.width * facts.height * share / 1e6
-        raise ImageTooLarge(
+        raise ImageTooCostly(
             f"this {facts.describe()} image would need about {cost.memory_mb:.0f} MB and "
             f"{cost.work / allowance.work:.1f}x the work of the per-image budget to decode; the budget is what a "
             f"{self.megapixels:g} MP photo costs ({allowance.memory_mb:.0f} MB; API_DECODE_BUDGET_MP): "
             f"downscale it to about {passing_mp:.1f} MP or less, or send it as a baseline JPEG",
-            code="image_too_costly",
         )

@@ -12,11 +12,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from api.engine.checkpoint import Checkpoint
-from api.engine.device_resize import resize_crop
-from api.engine.pipeline import Served
-from api.engine.recipe import Recipe
-from api.engine.runtime import Runtime
+from api.engine.images.device_resize import resize_crop
+from api.engine.images.recipe import Recipe
+from api.engine.model.checkpoint import Checkpoint
+from api.engine.model.runtimes.base import Runtime
+from api.engine.model.served import Served
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +59,7 @@ class Classifier:
         """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU.
 
         Images not yet resized and cropped (decoded ones a front-end shipped, API_PREPROCESS=engine)
-        are resized and cropped here, on the model's device (api/engine/device_resize.py)."""
+        are resized and cropped here, on the model's device (api/engine/images/device_resize.py)."""
         crop = self.split.crop
         if all(item.shape[:2] == crop for item in items):
             return self.runtime.forward(np.stack(items))

@@ -1,6 +1,6 @@
 """What serves predictions, in types that need no torch.
 
-Two things answer `classify(ticket, uploads)` the same way: `api.engine.service.Engine` (the model
+Two things answer `classify(ticket, uploads)` the same way: `api.engine.serving.service.Engine` (the model
 in this process) and `api.remote.frontend.link.EngineLink` (a front-end process's connection to the engine
 process, api/remote/host/host.py). The HTTP routes, readiness and the CLI see only `Pipeline`, so a
 front-end process never imports torch (tests/reliability/test_frontends.py proves it).
@@ -11,15 +11,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image
 
 from api.config import BatchingSettings
-from api.engine.decode import PIXELS_FORMAT, check_pixels, decode_image
+from api.engine.images.budget import DecodeBudget
+from api.engine.images.decode import PIXELS_FORMAT, check_pixels, decode_image
+from api.engine.images.recipe import EXACT_RESIZE_LIMIT, Recipe
 from api.engine.memory import release_after_decode
-from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe
+from api.engine.model.served import Served
 from api.errors import RequestError
 
 
@@ -102,53 +105,6 @@ def outcomes_in_order(
     return outcomes
 
 
-@dataclass(frozen=True)
-class Served:
-    """What is being served, as the answers name it."""
-
-    architecture: str
-    class_names: tuple[str, ...]
-    device: str
-    checkpoint_sha256: str
-    multi_label: bool = False
-    threshold: float = 0.5
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def version(self) -> str:
-        """The model version every answer names: the checkpoint's short sha256."""
-        return self.checkpoint_sha256[:12]
-
-    def rank(self, scores: np.ndarray, top_k: int) -> list[tuple[int, str, float]]:
-        """One image's scores -> [(index, label, score)], best first.
-
-        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
-        """
-        if self.multi_label:
-            above = np.flatnonzero(scores >= self.threshold)
-            order = above[np.argsort(-scores[above], kind="stable")]
-        else:
-            order = np.argsort(-scores, kind="stable")[: min(top_k, scores.size)]
-        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "architecture": self.architecture,
-            "class_names": list(self.class_names),
-            "device": self.device,
-            "checkpoint_sha256": self.checkpoint_sha256,
-            "multi_label": self.multi_label,
-            "threshold": self.threshold,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Served:
-        return cls(**{**data, "class_names": tuple(data["class_names"])})
-
-
 class Pipeline(Protocol):
     """Admit, classify, describe, close: what the HTTP side and the CLI call."""
 
@@ -166,6 +122,14 @@ class Pipeline(Protocol):
     def close(self) -> None: ...
 
 
+def decode_budget(options: BatchingSettings) -> DecodeBudget:
+    """What one upload may cost to decode (API_DECODE_BUDGET_MP)."""
+    return _budget(options.decode_budget_mp)
+
+
+_budget = lru_cache(maxsize=4)(DecodeBudget)
+
+
 def prepare_upload(
     data: Upload,
     recipe: Recipe,
@@ -181,7 +145,9 @@ def prepare_upload(
     Only the pixels leave: a queued request holds its model input, never its canvas."""
     if isinstance(data, np.ndarray):
         return _prepare_pixels(data, recipe, options, ship_decoded_bytes)
-    decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=options.decode_budget)
+    decoded = decode_image(
+        data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options)
+    )
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
     image = decoded.image
     if _ships(image.width, image.height, recipe, ship_decoded_bytes):
@@ -199,7 +165,7 @@ def _prepare_pixels(
 ) -> tuple[ImageDescription, np.ndarray, bool]:
     """A client's decoded pixels (H, W, 3): checked as an upload's canvas is, then shipped as they are
     (no copy here) or resized and cropped."""
-    check_pixels(pixels, max_pixels=options.max_image_pixels, budget=options.decode_budget)
+    check_pixels(pixels, max_pixels=options.max_image_pixels, budget=decode_budget(options))
     height, width = pixels.shape[:2]
     info = ImageDescription(width, height, PIXELS_FORMAT)
     if _ships(width, height, recipe, ship_decoded_bytes):

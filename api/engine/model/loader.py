@@ -1,7 +1,7 @@
 """Load a classifier: checkpoint + timm architecture + labels + preprocessing + device + runtime, warmed up.
 
 `load_classifier(ModelSettings)` is the loader; what it returns is complete and immutable
-(api/engine/classifier.py). The runtime is chosen here (API_RUNTIME, API_PRECISION): PyTorch on
+(api/engine/model/classifier.py). The runtime is chosen here (API_RUNTIME, API_PRECISION): PyTorch on
 CUDA and MPS; on a CPU OpenVINO or PyTorch, whichever is faster for this model on this CPU, timed
 once and remembered in the model cache with the converted model.
 """
@@ -20,17 +20,25 @@ import torch
 from PIL import Image
 
 from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES, ModelSettings
-from api.engine import openvino_runtime
-from api.engine.checkpoint import Checkpoint, read_checkpoint
-from api.engine.classifier import Classifier
-from api.engine.device import resolve_device
-from api.engine.labels import resolve_class_names
-from api.engine.model_cache import ModelCache
-from api.engine.null_runtime import NullRuntime
-from api.engine.preprocess import build_transform, split_transform
-from api.engine.recipe import Recipe
-from api.engine.runtime import Head, Precision, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name, resolve_precision
-from api.engine.torch_runtime import TorchRuntime
+from api.engine.images.recipe import Recipe
+from api.engine.model.cache import ModelCache
+from api.engine.model.checkpoint import Checkpoint, read_checkpoint
+from api.engine.model.classifier import Classifier
+from api.engine.model.device import resolve_device
+from api.engine.model.labels import resolve_class_names
+from api.engine.model.preprocess import build_transform, split_transform
+from api.engine.model.runtimes import openvino_runtime
+from api.engine.model.runtimes.base import (
+    Head,
+    Precision,
+    Runtime,
+    batch_buckets,
+    cpu_has_bf16,
+    cpu_model_name,
+    resolve_precision,
+)
+from api.engine.model.runtimes.null_runtime import NullRuntime
+from api.engine.model.runtimes.torch_runtime import TorchRuntime
 from api.errors import CheckpointMismatch, ConfigError, first_line
 
 logger = logging.getLogger(__name__)

@@ -1,8 +1,8 @@
-"""timm's eval transform, read once at load time and turned into a `Recipe` (api/engine/recipe.py).
+"""timm's eval transform, read once at load time and turned into a `Recipe` (api/engine/images/recipe.py).
 
 The recipe is the PIL half (resize + crop: a front-end process runs it without torch); to-tensor and
 normalisation run once per batch in the runtime. `decode_image` and friends live in
-`api.engine.decode` and are re-exported here.
+`api.engine.images.decode` and are re-exported here.
 """
 
 from __future__ import annotations
@@ -17,15 +17,7 @@ from timm.data.transforms import CenterCropOrPad, MaybeToTensor, ResizeKeepRatio
 from torchvision.transforms import CenterCrop, InterpolationMode, Normalize, Resize, ToTensor
 from torchvision.transforms.functional import pil_modes_mapping
 
-from api.engine.decode import (  # noqa: F401 (re-exported)
-    ALLOWED_FORMATS,
-    DEFAULT_BUDGET,
-    DecodedImage,
-    _open_formats,
-    decode_image,
-    to_rgb,
-)
-from api.engine.recipe import EXACT_RESIZE_LIMIT, Recipe  # noqa: F401 (re-exported)
+from api.engine.images.recipe import Recipe
 from api.errors import ConfigError
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from api.engine.runtime import Head
+from api.engine.model.runtimes.base import Head
 from api.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)

@@ -1,7 +1,7 @@
 """Bytes -> 8-bit RGB image, with no torch: what a front-end process and the engine both run.
 
 The type of an upload is decided from its bytes (never from the declared Content-Type or file
-name), the canvas size is checked and the whole decode priced (`api.engine.decode_budget`) from the header
+name), the canvas size is checked and the whole decode priced (`api.engine.images.budget`) from the header
 before any pixel is decoded, EXIF orientation is applied, and every mode Pillow can open is brought
 to 8-bit RGB the way a viewer would show it.
 """
@@ -29,9 +29,9 @@ from PIL import (
     WebPImagePlugin,
 )
 
-from api.engine.decode_budget import HIGH_DEPTH, WITH_ALPHA, Cost, DecodeBudget, ImageFacts
+from api.engine.images.budget import HIGH_DEPTH, WITH_ALPHA, Cost, DecodeBudget, ImageFacts
 from api.engine.memory import release_after_decode
-from api.errors import ImageTooLarge, InvalidImage, UnsupportedMediaType
+from api.errors import EmptyFile, ImageTooLarge, InvalidImage, UnsupportedMediaType
 
 # Raster formats a camera, phone, browser or scanner produces. Pillow can open more (EPS, PSD,
 # ICNS...), some through external programs; we refuse those rather than widen the attack surface.
@@ -63,8 +63,6 @@ def _silence_libtiff() -> None:
 
 _silence_libtiff()
 
-DEFAULT_BUDGET = DecodeBudget()
-
 _IMAGE_MAGIC: tuple[bytes, ...] = (
     b"\xff\xd8\xff",  # JPEG
     b"\x89PNG\r\n\x1a\n",
@@ -89,7 +87,7 @@ class DecodedImage:
     width: int
     height: int
     format: str
-    cost: Cost  # what decoding it was priced at (api.engine.decode_budget)
+    cost: Cost  # what decoding it was priced at (api.engine.images.budget)
 
 
 @cache
@@ -110,19 +108,17 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_IMAGE_MAGIC)
 
 
-def decode_image(
-    data: bytes, *, max_pixels: int, reduce_to: int | None = None, budget: DecodeBudget = DEFAULT_BUDGET
-) -> DecodedImage:
+def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, budget: DecodeBudget) -> DecodedImage:
     """Decode an upload into an RGB image, refusing non-images, corrupt files and bombs.
 
     With `reduce_to` (the shorter side the model's transform resizes to), a JPEG much larger than
     that is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (Pillow's `draft`), never below
     `reduce_to`: a 12-megapixel photo then costs a fraction of a full decode. Before anything is
-    allocated the image is priced from its header (`api.engine.decode_budget`) and refused (413) when it
+    allocated the image is priced from its header (`api.engine.images.budget`) and refused (413) when it
     would cost more than `budget`.
     """
     if not data:
-        raise InvalidImage("the uploaded file is empty", code="empty_file")
+        raise EmptyFile("the uploaded file is empty")
     _check_before_open(data, max_pixels, budget)
     with warnings.catch_warnings():
         # Pillow warns (DecompressionBombWarning) where we already refuse by our own, lower limit.
@@ -163,7 +159,7 @@ def decode_image(
     return DecodedImage(image=rgb, width=width, height=height, format=fmt, cost=cost)
 
 
-def check_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget = DEFAULT_BUDGET) -> Cost:
+def check_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget) -> Cost:
     """8-bit RGB pixels (H, W, 3) a client decoded itself, checked and priced as an upload's canvas
     is (a raw canvas costs Pillow's RGB copy and the resize): their cost, or 413."""
     height, width = pixels.shape[:2]
@@ -302,7 +298,7 @@ def _too_large(error: Exception, max_pixels: int) -> ImageTooLarge:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; transparency is composited onto white.
 
-    Each step's buffers are what `api.engine.decode_budget` prices for the mode: no step copies an image
+    Each step's buffers are what `api.engine.images.budget` prices for the mode: no step copies an image
     it does not change.
     """
     if image.mode == "RGB":

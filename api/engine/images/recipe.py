@@ -1,6 +1,6 @@
 """timm's eval resize + center crop in plain Pillow: the preprocessing recipe, with no torch.
 
-The engine reads the recipe off timm's transform once (`api.engine.preprocess.split_transform`)
+The engine reads the recipe off timm's transform once (`api.engine.model.preprocess.split_transform`)
 and hands it to every front-end process in the handshake, so a process that never imports torch
 preprocesses exactly as the model expects (tests/unit/test_recipe.py: bit for bit equal to timm's
 own steps). Its sizes are torchvision's and timm's arithmetic: `short` (torchvision `Resize(int)`:

@@ -1,0 +1,56 @@
+"""What is being served, as every answer names it: architecture, labels, device, the checkpoint's
+digest (the model version), and how scores become ranked labels. No torch: front-ends hold one too."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Served:
+    """What is being served, as the answers name it."""
+
+    architecture: str
+    class_names: tuple[str, ...]
+    device: str
+    checkpoint_sha256: str
+    multi_label: bool = False
+    threshold: float = 0.5
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def version(self) -> str:
+        """The model version every answer names: the checkpoint's short sha256."""
+        return self.checkpoint_sha256[:12]
+
+    def rank(self, scores: np.ndarray, top_k: int) -> list[tuple[int, str, float]]:
+        """One image's scores -> [(index, label, score)], best first.
+
+        Single-label: the `top_k` best. Multi-label: every label at or above the threshold.
+        """
+        if self.multi_label:
+            above = np.flatnonzero(scores >= self.threshold)
+            order = above[np.argsort(-scores[above], kind="stable")]
+        else:
+            order = np.argsort(-scores, kind="stable")[: min(top_k, scores.size)]
+        return [(int(i), self.class_names[int(i)], float(scores[int(i)])) for i in order]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "architecture": self.architecture,
+            "class_names": list(self.class_names),
+            "device": self.device,
+            "checkpoint_sha256": self.checkpoint_sha256,
+            "multi_label": self.multi_label,
+            "threshold": self.threshold,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Served:
+        return cls(**{**data, "class_names": tuple(data["class_names"])})
