@@ -245,4 +245,6 @@ def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpe
     canvas = np.zeros((5000, 5000, 3), np.uint8)  # zero pages: priced, never touched
     with pytest.raises(ImageTooLarge, match="MP or less"):
         check_pixels(canvas, max_pixels=LIMIT, budget=DecodeBudget(5))
-    assert check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT, budget=DECODE_BUDGET).memory > 0  # 12 MP passes
+    assert (
+        check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT, budget=DECODE_BUDGET).memory > 0
+    )  # 12 MP passes
