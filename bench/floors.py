@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import stamp
 from bench.frontend import arguments, load, post_script, requests_done, write_inputs
 from bench.protocol import v2_files
 from tests.support import cpu_s
@@ -128,6 +129,7 @@ def _start(role: str, port: int) -> subprocess.Popen[bytes]:
 
 def main(argv: list[str] | None = None) -> None:
     args = arguments(__doc__).parse_args(argv)
+    print("measured on: " + stamp.line())
     folder = Path(tempfile.mkdtemp(prefix="bench-floors-"))
     _, jpegs = write_inputs(folder)
     jpeg = jpegs["451x300"]

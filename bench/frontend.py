@@ -31,6 +31,7 @@ import torch
 from PIL import Image
 
 from api.remote import entrypoints
+from bench import stamp
 from tests.support import BIN, ServerProcess, cmdline, cpu_s, engine_pids, parse_metrics, process_tree, scrape
 
 IMAGES = {"451x300": (451, 300), "1600x1066": (1600, 1066)}
@@ -248,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     checkpoint, jpegs = write_inputs(folder)
+    print("measured on: " + stamp.line())
     print(f"CPU: {os.cpu_count()} visible; null runtime, resnet50's recipe (224, bicubic, crop 0.95)")
     fed = feed(checkpoint, args.seconds)
     print(

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from bench import stamp
 from bench.frontend import arguments, post_script, serve_and_measure, write_inputs, wrk_script
 
 MODEL = "/v2/models/cat-breeds/infer"
@@ -65,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--only", help="comma-separated ways to run (e.g. 'v1 multipart,v2 binary'); default all")
     args = parser.parse_args(argv)
+    print("measured on: " + stamp.line())
     folder = Path(tempfile.mkdtemp(prefix="bench-protocol-"))
     checkpoint, jpegs = write_inputs(folder)
     jpeg_path = jpegs["451x300"]

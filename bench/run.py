@@ -36,7 +36,7 @@ from PIL import Image
 from api.cpu import cpu_budget
 from api.engine.model.labels import CAT_BREEDS
 from api.engine.serving.batching import IDLE_TRIM_S
-from bench import report
+from bench import report, stamp
 from bench.ceiling import Ceiling
 from bench.service import Server, sweep
 
@@ -164,9 +164,11 @@ def main() -> None:
         print(report.table(name, entry["ceiling"], entry["service"]))
     results["summary"] = summary = report.summary(results)
     print("\nsummary: " + ", ".join(f"{k} {v:.2f}" for k, v in summary.items()))
+    results["stamp"] = stamp.stamp()
     (args.out / "results.json").write_text(json.dumps(results, indent=2))
     report.plot(results, args.out / "throughput_vs_p99.png")
     print(f"wrote {args.out / 'results.json'} and {args.out / 'throughput_vs_p99.png'}")
+    print("measured on: " + stamp.line(results["stamp"]))
 
 
 if __name__ == "__main__":

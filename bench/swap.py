@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from api.engine.model.labels import CAT_BREEDS
+from bench import stamp
 from tests.support import BIN, process_env, served_process
 
 ADMIN_KEY = "bench-admin-key"
@@ -128,6 +129,8 @@ def main() -> None:
         )
     print("versions each connection saw:", {name: len(seen) for name, seen in switches.items()})
     OUT.parent.mkdir(parents=True, exist_ok=True)
+    report["stamp"] = measured_on = stamp.stamp()
+    print("measured on: " + stamp.line(measured_on))
     OUT.write_text(json.dumps(report, indent=2))
 
 
