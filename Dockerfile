@@ -34,21 +34,24 @@ RUN groupadd --gid "${APP_GID}" appuser \
         --shell /usr/sbin/nologin appuser \
  && mkdir -p /app/models /app/logs /home/appuser/.cache \
  && chown -R appuser:appuser /app /home/appuser
-# The dependency layer is rebuilt only when pyproject.toml (the one list of pins) or a build argument
-# changes. WHEELHOUSE_URL (scripts/with_wheelhouse.py serves docker/wheelhouse on loopback during the
-# build) makes the install offline; otherwise PyPI, plus TORCH_INDEX_URL for another torch build.
+# The dependency layer is rebuilt only when the lockfile (requirements/runtime.lock: every package
+# pinned with its hashes, generated from pyproject.toml by `make lock`) or a build argument changes.
+# WHEELHOUSE_URL (scripts/with_wheelhouse.py serves docker/wheelhouse on loopback during the build)
+# makes the install offline; otherwise PyPI. TORCH_INDEX_URL (another torch build, whose files have
+# other hashes and other CUDA libraries) installs pyproject.toml's pins without the lockfile instead.
 # debugpy goes to /opt/debug, off the import path unless the development override adds it.
 ARG TORCH_INDEX_URL=
 ARG WHEELHOUSE_URL=
-COPY pyproject.toml /tmp/build/
+COPY pyproject.toml requirements/runtime.lock /tmp/build/
 RUN python3 -c "import tomllib; p = tomllib.load(open('/tmp/build/pyproject.toml', 'rb'))['project']; \
 open('/tmp/build/requirements.txt', 'w').write('\n'.join(p['dependencies']) + '\n'); \
 open('/tmp/build/debug.txt', 'w').write('\n'.join(p['optional-dependencies']['debug']) + '\n')" \
- && if [ -n "$WHEELHOUSE_URL" ]; then set -- --no-index --find-links "$WHEELHOUSE_URL"; \
-    elif [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL"; \
-    else set --; fi \
+ && if [ -n "$TORCH_INDEX_URL" ]; then set -- --extra-index-url "$TORCH_INDEX_URL" -r /tmp/build/requirements.txt; \
+    elif [ -n "$WHEELHOUSE_URL" ]; then set -- --no-index --find-links "$WHEELHOUSE_URL" --require-hashes -r /tmp/build/runtime.lock; \
+    else set -- --require-hashes -r /tmp/build/runtime.lock; fi \
  && python3 -m venv /opt/venv \
- && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" -r /tmp/build/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" \
+ && if [ -n "$WHEELHOUSE_URL" ]; then set -- --no-index --find-links "$WHEELHOUSE_URL"; else set --; fi \
  && /opt/venv/bin/pip install --no-cache-dir --disable-pip-version-check "$@" \
         --target /opt/debug -r /tmp/build/debug.txt \
  && find /opt/venv /opt/debug -name '__pycache__' -type d -prune -exec rm -rf {} + \

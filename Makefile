@@ -10,16 +10,31 @@ CHECKOV := $(CHECKOV_VENV)/bin/checkov
 CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 
-.PHONY: install run test lint format bench bench-frontend bench-protocol bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
-# Re-install only when the dependency list changes.
-$(STAMP): pyproject.toml
+# Re-install only when the locked dependencies change. Every package comes from the lockfile, checked
+# against its hashes (requirements/dev.lock: runtime + dev + demo); the project itself without deps.
+$(STAMP): pyproject.toml requirements/dev.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --require-hashes -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps -e .
 	@touch $(STAMP)
+
+# Regenerate the lockfiles from pyproject.toml's pins (pip-tools, in a venv of its own): the image
+# installs requirements/runtime.lock, `make install` requirements/dev.lock.
+PIP_TOOLS_VENV := .venv-pip-tools
+PIP_COMPILE := $(PIP_TOOLS_VENV)/bin/pip-compile
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-header --no-emit-index-url --no-emit-find-links
+$(PIP_COMPILE):
+	@test -x $(PIP_TOOLS_VENV)/bin/python || $(PYTHON) -m venv $(PIP_TOOLS_VENV)
+	$(PIP_TOOLS_VENV)/bin/python -m pip install --quiet "pip-tools==7.7.0"
+
+lock: $(PIP_COMPILE)
+	$(PIP_COMPILE) $(LOCK_FLAGS) --output-file requirements/runtime.lock pyproject.toml
+	$(PIP_COMPILE) $(LOCK_FLAGS) --extra dev --extra demo --output-file requirements/dev.lock pyproject.toml
 
 demo-model: $(STAMP)
 	$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR)
@@ -92,5 +107,9 @@ $(CHECKOV):
 test: lint $(CHECKOV)
 	CHECKOV=$(CHECKOV) $(BIN)/python -m pytest
 
+# Before every commit: lint, then the unit and API tiers (tiny models, a real server on 127.0.0.1).
+test-fast: lint
+	$(BIN)/python -m pytest -m "unit or api"
+
 clean:
-	rm -rf $(VENV) $(CHECKOV_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) $(PIP_TOOLS_VENV) $(DEMO_DIR) .pytest_cache .ruff_cache

@@ -71,7 +71,19 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
         cache_dir=Path(tempfile.mkdtemp()),
     )  # fmt: skip
     address = wire.address(f"bench-{os.getpid()}", "cpu")
-    spawner = EngineSpawner(address, EngineConfig(settings.model_group, settings.batching_group, 0.0, "WARNING"))
+    spawner = EngineSpawner(
+        address,
+        EngineConfig(
+            settings.model_group,
+            settings.batching_group,
+            0.0,
+            "WARNING",
+            None,
+            settings.log_format,
+            settings.model_repository,
+            settings.model_load_timeout_s,
+        ),
+    )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     while True:
         try:

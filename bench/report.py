@@ -49,7 +49,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
 
 
 def summary(results: dict[str, Any]) -> dict[str, float]:
-    """The README's targets, as ratios of the ceilings (and the extras, where they ran)."""
+    """The targets docs/performance.md reports, as ratios of the ceilings (and the extras, where they ran)."""
     summary: dict[str, float] = {}
     chelsea = results["images"].get("chelsea_451x300")
     if chelsea:

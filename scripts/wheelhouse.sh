@@ -9,7 +9,9 @@ out=docker/wheelhouse
 "$PYTHON" - > "$out/.requirements.txt" <<'PY'
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-print("\n".join(project["dependencies"] + project["optional-dependencies"]["debug"]))
+print("\n".join(project["optional-dependencies"]["debug"]))
 PY
+# the image's packages, checked against the lockfile's hashes; then debugpy (/opt/debug)
+"$PYTHON" -m pip download --quiet --dest "$out" --only-binary=:all: --require-hashes -r requirements/runtime.lock
 "$PYTHON" -m pip download --quiet --dest "$out" --only-binary=:all: -r "$out/.requirements.txt"
 echo "$(ls "$out"/*.whl | wc -l) wheels, $(du -sh "$out" | cut -f1) in $out"

@@ -91,8 +91,8 @@ def _owner(settings: Settings, metrics: Metrics) -> Owner:
         settings.log_level,
         settings.log_dir,
         settings.log_format,
-        model_repository=settings.model_repository,
-        load_timeout_s=settings.model_load_timeout_s,
+        settings.model_repository,
+        settings.model_load_timeout_s,
     )
     device = settings.device.replace(":", "")
     address = wire.address(group, device)

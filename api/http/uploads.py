@@ -20,12 +20,12 @@ FIELD = "file"
 
 
 @dataclass(frozen=True)
-class Upload:
+class UploadedFile:
     filename: str | None
     data: bytes
 
 
-async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> list[Upload]:
+async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
     """Every upload in the request, each at most `max_bytes`; at most `max_files` of them."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
@@ -44,7 +44,7 @@ async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> l
                 f"no image in the request: send multipart/form-data with a file field named {FIELD!r} "
                 f'(curl -F "{FIELD}=@cat.jpg"), a raw image body, or JSON {{"image": "<base64>"}}'
             )
-        uploads = [Upload(filename=None, data=body)]
+        uploads = [UploadedFile(filename=None, data=body)]
     for upload in uploads:
         if len(upload.data) > max_bytes:
             raise PayloadTooLarge(
@@ -53,11 +53,11 @@ async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> l
     return uploads
 
 
-def _name(upload: Upload) -> str:
+def _name(upload: UploadedFile) -> str:
     return repr(upload.filename[:100]) if upload.filename else "the image"
 
 
-async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -> list[Upload]:
+async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
     try:
         form = await request.form(max_files=max_files, max_fields=64)
     except PayloadTooLarge:
@@ -76,7 +76,7 @@ async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -
         uploads = []
         for item in files:
             data = await item.read(max_bytes + 1)
-            uploads.append(Upload(filename=item.filename, data=data))
+            uploads.append(UploadedFile(filename=item.filename, data=data))
         return uploads
     finally:
         await form.close()
@@ -98,7 +98,7 @@ def _root_cause(error: BaseException) -> str:
     return reason or type(error).__name__
 
 
-def _read_base64(body: bytes, *, max_bytes: int) -> Upload:
+def _read_base64(body: bytes, *, max_bytes: int) -> UploadedFile:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
@@ -115,4 +115,4 @@ def _read_base64(body: bytes, *, max_bytes: int) -> Upload:
     except (binascii.Error, ValueError):
         raise InvalidBase64("the 'image' field is not valid base64") from None
     filename = payload.get("filename")
-    return Upload(filename=filename if isinstance(filename, str) else None, data=data)
+    return UploadedFile(filename=filename if isinstance(filename, str) else None, data=data)

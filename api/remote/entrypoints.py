@@ -24,13 +24,13 @@ class EngineConfig:
     model: ModelSettings
     batching: BatchingSettings
     linger_s: float
-    log_level: str = "INFO"
-    log_dir: Path | None = None
-    log_format: str = "json"
+    log_level: str
+    log_dir: Path | None
+    log_format: str
+    model_repository: Path | None  # where swaps may load from (None: the configured checkpoint's folder)
+    load_timeout_s: float  # a swap's load is abandoned after this (API_MODEL_LOAD_TIMEOUT_S)
     # the model swapped in last (None: the configured one); model.checkpoint_path stays the configured one
     swapped_in: Path | None = None
-    model_repository: Path | None = None  # where swaps may load from (None: the configured checkpoint's folder)
-    load_timeout_s: float = 300.0  # a swap's load is abandoned after this
 
 
 def command(module: str, *args: str) -> list[str]:

@@ -197,7 +197,7 @@ def test_8_prod_gunicorn_workers_serve(make_stack: Callable[..., Stack], chelsea
             "import os\nprint(sum(b'api.remote.host.main' in open(f'/proc/{p}/cmdline','rb').read() for p in os.listdir('/proc') if p.isdigit() and int(p) != os.getpid()))",
         ).stdout  # fmt: skip
         assert int(engines) == 1  # one engine process holds the model for both workers
-        # the README's swap command, in the container: the key from the environment Compose passed in
+        # docs/deployment.md's swap command, in the container: the key from the environment Compose passed in
         swapped = prod.exec("python3", "-m", "api.cli", "reload").stdout
         assert "every front-end switched" in swapped, swapped
         assert httpx.get(prod.url + "/v2/health/ready", timeout=10).json() == {"ready": True}

@@ -3,7 +3,7 @@
 A real server (`cat-breeds-api serve`, as deployed: MALLOC_ARENA_MAX=2) is sent 2,500 uploads
 cycling through a mixed corpus (JPEG, PNG, GIF, BMP, WebP, TIFF in five compressions, AVIF; eight
 modes; valid, truncated and bit-flipped). Its resident memory after the last request stays within
-SOAK_DRIFT_MB of what it was after the first 100 (README, Operations). A corrupt upload is the
+SOAK_DRIFT_MB of what it was after the first 100 (docs/operations.md). A corrupt upload is the
 client's fault: it is answered 400 and is not logged at ERROR, and nothing the C decoders print
 reaches the log stream as an unstructured line.
 """

@@ -1,4 +1,4 @@
-"""No upload costs more than about what a large ordinary photo costs (README, Operations).
+"""No upload costs more than about what a large ordinary photo costs (docs/operations.md).
 
 Every file of the adversarial corpus (`tests.adversarial`) is decoded and preprocessed as the
 service does, each in a process of its own, and held to twice the reference: a 12-megapixel phone

@@ -38,3 +38,35 @@ def test_every_service_setting_and_compose_variable_is_documented() -> None:
 def test_compose_files_have_no_obsolete_version_key() -> None:
     for name in USERS:
         assert not re.search(r"^version:", (ROOT / name).read_text(), flags=re.MULTILINE), name
+
+
+def test_the_configuration_page_names_every_setting_and_no_other() -> None:
+    """docs/configuration.md is the one table of settings: each `API_*` variable the service reads is
+    a row there, and every row is a variable the service reads."""
+    from api.config import REMOVED, environment_names
+
+    page = (ROOT / "docs" / "configuration.md").read_text()
+    rows = set(re.findall(r"^\| `([A-Z][A-Z0-9_]+)`", page, flags=re.MULTILINE))
+    rows |= {
+        name
+        for line in re.findall(r"^\| (`[A-Z].*?) \|", page, flags=re.MULTILINE)
+        for name in re.findall(r"`([A-Z][A-Z0-9_]+)", line)
+    }
+    read = (environment_names() - {"API_LOG_LEVEL", "API_WORKERS"}) | {"LOG_LEVEL", "WEB_CONCURRENCY"}
+    assert read - rows == set(), f"settings missing from docs/configuration.md: {sorted(read - rows)}"
+    assert rows - read == set(), f"docs/configuration.md lists what the service does not read: {sorted(rows - read)}"
+    assert not set(REMOVED) & rows
+
+
+def test_pre_commit_runs_what_make_lint_runs() -> None:
+    """.pre-commit-config.yaml and `make lint` are one list of checks: the same commands, in order."""
+    import yaml
+
+    makefile = (ROOT / "Makefile").read_text()
+    lint = re.search(r"^lint: .*\n((?:\t.*\n)+)", makefile, flags=re.MULTILINE)
+    assert lint is not None
+    make_commands = [line.strip().replace("$(BIN)/", ".venv/bin/") for line in lint.group(1).splitlines()]
+    config = yaml.safe_load((ROOT / ".pre-commit-config.yaml").read_text())
+    hooks = [hook for repo in config["repos"] for hook in repo["hooks"]]
+    assert [hook["entry"] for hook in hooks] == make_commands
+    assert all(hook["language"] == "system" and hook["pass_filenames"] is False for hook in hooks)

@@ -30,9 +30,9 @@ class Classifier:
     device: torch.device
     device_reason: str
     checkpoint: Checkpoint
-    labels_source: str = ""
-    multi_label: bool = False
-    threshold: float = 0.5
+    labels_source: str
+    multi_label: bool
+    threshold: float
     runtime_reason: str = ""
     precision_reason: str = ""
     load_seconds: float = 0.0

@@ -17,8 +17,8 @@ class Served:
     class_names: tuple[str, ...]
     device: str
     checkpoint_sha256: str
-    multi_label: bool = False
-    threshold: float = 0.5
+    multi_label: bool
+    threshold: float  # API_THRESHOLD: multi-label answers hold every label at or above it
 
     @property
     def num_classes(self) -> int:

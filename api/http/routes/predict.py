@@ -26,7 +26,7 @@ from api.http.schemas import (
     PredictResponse,
     Timing,
 )
-from api.http.uploads import Upload, read_uploads
+from api.http.uploads import UploadedFile, read_uploads
 
 router = APIRouter(prefix="/api/v1", tags=["predict"], dependencies=[Depends(require_api_key)])
 
@@ -39,7 +39,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
     413: {
         "model": ErrorResponse,
-        "description": "Upload over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
+        "description": "UploadedFile over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
         "than API_DECODE_BUDGET_MP.",
     },
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
@@ -85,7 +85,7 @@ def _prediction(result: Classified) -> Prediction:
     )
 
 
-async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files: int) -> list[Upload]:
+async def _read(request: Request, metrics: Metrics, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
     started = time.perf_counter()
     uploads = await read_uploads(request, max_bytes=max_bytes, max_files=max_files)
     metrics.on_stage("read", time.perf_counter() - started)
