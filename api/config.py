@@ -14,6 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
+from dotenv import dotenv_values
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -424,9 +425,12 @@ REMOVED = {
 
 def load_settings(**overrides: Any) -> Settings:
     """Build settings, turning validation failures into a one-line `ConfigError`."""
+    env_file = overrides.get("_env_file", Settings.model_config.get("env_file"))
+    dotenv = dotenv_values(env_file) if isinstance(env_file, str | Path) and Path(env_file).is_file() else {}
     for name, instead in REMOVED.items():
-        if name in os.environ:
-            raise ConfigError(f"{name}={os.environ[name]!r} is no longer a setting: {instead}")
+        value = os.environ.get(name, dotenv.get(name))
+        if value is not None:
+            raise ConfigError(f"{name}={value!r} is no longer a setting: {instead}")
     try:
         return Settings(**overrides)
     except ValidationError as error:

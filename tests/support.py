@@ -38,13 +38,16 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def eventually(check: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition") -> None:
-    """Poll `check` until it holds (work a server thread finishes after its response, e.g. a log line)."""
+def eventually(
+    check: Callable[[], bool], *, timeout_s: float = 10.0, what: str = "condition", interval_s: float = 0.02
+) -> None:
+    """Poll `check` until it holds (work a server thread finishes after its response, e.g. a log line;
+    a container's state: pass a longer `interval_s` where each check starts a process)."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} did not hold within {timeout_s}s")
-        time.sleep(0.02)
+        time.sleep(interval_s)
 
 
 def wait_for(

@@ -1,7 +1,7 @@
 """Read the image(s) out of a request: multipart `file`, a raw image body, or JSON with base64.
 
 The declared Content-Type only selects how to *unwrap* the body; whether the bytes are an image is
-decided later, from the bytes themselves (`api.engine.model.preprocess.decode_image`).
+decided later, from the bytes themselves (`api.engine.images.decode.decode_image`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.container.conftest import ROOT, Stack, free_port
 from tests.helpers import IMAGENET_CATS, jpeg_bytes
-from tests.support import parse_metrics
+from tests.support import eventually, parse_metrics
 
 ARTIFACTS = ROOT / "artifacts"
 
@@ -85,10 +85,13 @@ def test_4_killed_server_is_restarted_healthy(stack: Stack) -> None:
         "        os.kill(int(pid), signal.SIGKILL)",
         check=False,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while stack.inspect()["RestartCount"] == before and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert stack.inspect()["RestartCount"] == before + 1, "restart: unless-stopped should bring it back"
+    eventually(
+        lambda: stack.inspect()["RestartCount"] != before,
+        timeout_s=120,
+        interval_s=0.5,
+        what="a restart (restart: unless-stopped should bring it back)",
+    )
+    assert stack.inspect()["RestartCount"] == before + 1
     stack.wait_healthy()
     assert stack.get("/health").status_code == 200
 
@@ -128,12 +131,12 @@ def test_6_stop_drains_requests_in_flight(stack: Stack, chelsea: Image.Image) ->
 
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(call) for _ in range(4)]
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # stop only once requests are really in flight
-            metrics = parse_metrics(stack.get("/metrics").text)
-            if metrics["cat_breeds_api_http_requests_in_flight"] >= 3:  # the /metrics request itself counts as one
-                break
-            time.sleep(0.05)
+        eventually(  # stop only once requests are really in flight (the /metrics request itself counts as one)
+            lambda: parse_metrics(stack.get("/metrics").text)["cat_breeds_api_http_requests_in_flight"] >= 3,
+            timeout_s=30,
+            interval_s=0.05,
+            what="requests in flight",
+        )
         stopped = time.monotonic()
         stack.compose("stop")
         statuses = [f.result() for f in futures]
@@ -159,17 +162,15 @@ def test_7_dev_override_reloads_on_source_change(make_stack: Callable[..., Stack
         assert dev.exec("sh", "-c", "echo $LOG_LEVEL").stdout.strip() == "DEBUG"
         init = project / "api" / "__init__.py"
         init.write_text(init.read_text().replace('__version__ = "', '__version__ = "9.9.9-dev" or "'))
-        deadline = time.monotonic() + 120
-        version = None
-        while time.monotonic() < deadline:
+
+        def reloaded() -> bool:
             try:
                 version = dev.get("/openapi.json").json()["info"]["version"]
-                if version == "9.9.9-dev" and dev.get("/health").status_code == 200:
-                    break
+                return bool(version == "9.9.9-dev" and dev.get("/health").status_code == 200)
             except httpx.HTTPError:
-                pass  # the server is restarting
-            time.sleep(0.5)
-        assert version == "9.9.9-dev", "editing ./api on the host should reload the server"
+                return False  # the server is restarting
+
+        eventually(reloaded, timeout_s=120, interval_s=0.5, what="a reload after editing ./api on the host")
     finally:
         dev.down()
         shutil.rmtree(project, ignore_errors=True)
@@ -232,13 +233,13 @@ def test_10_missing_checkpoint_never_reports_healthy(make_stack: Callable[..., S
     broken = make_stack("missing", API_CHECKPOINT_PATH="/app/models/best_model.pt")
     try:
         broken.up()
-        deadline = time.monotonic() + 120
-        logs = ""
-        while time.monotonic() < deadline:
+
+        def failed_and_retried() -> bool:
             logs = broken.compose("logs", "--no-color", check=False).stdout
-            if "model load failed" in logs and broken.inspect()["RestartCount"] >= 1:
-                break
-            time.sleep(0.5)
+            return "model load failed" in logs and broken.inspect()["RestartCount"] >= 1
+
+        eventually(failed_and_retried, timeout_s=120, interval_s=0.5, what="a failed load, then a retry")
+        logs = broken.compose("logs", "--no-color", check=False).stdout
         assert "model load failed: checkpoint not found: /app/models/best_model.pt" in logs
         assert "/app/models" in logs
         state = broken.inspect()["State"]

@@ -104,7 +104,8 @@ def _compose_env(files: list[str], tmp_path: Path) -> dict[str, str]:
     )
     assert rendered.returncode == 0, rendered.stderr
     service = json.loads(rendered.stdout)["services"]["cat-breeds-api"]
-    return {k: "" if v is None else str(v) for k, v in service["environment"].items()}
+    # an entry with no value (null) is passed only when set in the shell or .env: here it is absent
+    return {k: str(v) for k, v in service["environment"].items() if v is not None}
 
 
 def _k8s_env(overlay: str) -> dict[str, str]:

@@ -111,8 +111,13 @@ def test_api_key_from_a_mounted_secret_file(tmp_path: Path, monkeypatch: pytest.
         load_settings()
 
 
-def test_a_removed_setting_stops_start_up_naming_what_to_do(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("API_INFERENCE", "inprocess")
+def test_a_removed_setting_stops_start_up_naming_what_to_do(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert load_settings().port == 8000  # not set anywhere: starts
+    (tmp_path / ".env").write_text("API_INFERENCE=process\n")  # in .env, as most operators set things
+    with pytest.raises(ConfigError, match=r"^API_INFERENCE='process' is no longer a setting"):
+        load_settings()
+    monkeypatch.setenv("API_INFERENCE", "inprocess")  # the environment wins, as for every setting
     with pytest.raises(ConfigError) as caught:
         load_settings()
     message = str(caught.value)

@@ -70,3 +70,18 @@ def test_pre_commit_runs_what_make_lint_runs() -> None:
     hooks = [hook for repo in config["repos"] for hook in repo["hooks"]]
     assert [hook["entry"] for hook in hooks] == make_commands
     assert all(hook["language"] == "system" and hook["pass_filenames"] is False for hook in hooks)
+
+
+def test_compose_passes_every_setting_by_name_and_restates_no_default() -> None:
+    """docker-compose.yml lists every setting the service reads (so one set in .env or the shell is
+    never dropped on the way), and gives a value only to what the container itself decides."""
+    from api.config import environment_names
+
+    text = (ROOT / "docker-compose.yml").read_text()
+    block = text[text.index("    environment:\n") : text.index("\n    volumes:\n")]
+    entries = dict(re.findall(r"^      ([A-Z][A-Z0-9_]*):(.*)$", block, flags=re.MULTILINE))
+    container = {"API_CACHE_DIR"}  # the cache volume's default (the image's home), never the host's
+    missing = environment_names() - set(entries) - container - {"API_LOG_LEVEL", "API_WORKERS"}
+    assert missing == set(), f"docker-compose.yml drops these settings: {sorted(missing)}"
+    valued = {name for name, value in entries.items() if value.strip()}
+    assert valued == {"API_CHECKPOINT_PATH", "API_HOST", "API_PORT", "API_LOG_DIR", "API_MODEL_REPOSITORY"}, valued
