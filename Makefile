@@ -78,12 +78,17 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.run
 
 # The front-end-bound scenario: no forward pass (API_RUNTIME=null), CPU per image per process.
+# wrk drives these two (Debian's package; nothing else installs it)
+NEED_WRK = @command -v wrk >/dev/null || { echo "$@ needs wrk, the HTTP load generator: apt-get install wrk"; exit 2; }
+
 bench-frontend: $(STAMP)
+	$(NEED_WRK)
 	$(BIN)/python -m bench.frontend
 
 # Front-end CPU per image by protocol (v1 multipart, v2 binary / JSON / batched / pixels) vs decode alone.
 # Then the floor of one call over gRPC and over HTTP (echo servers): would gRPC pay?
 bench-protocol: $(STAMP)
+	$(NEED_WRK)
 	$(BIN)/python -m bench.protocol
 	$(BIN)/python -m bench.floors
 

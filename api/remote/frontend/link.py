@@ -31,20 +31,18 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 import numpy as np
 
 from api.config import BatchingSettings
-from api.engine.images.recipe import Recipe
+from api.engine.model.served import Served
 from api.engine.serving.admission import Admission
 from api.engine.serving.pipeline import (
     BatchRun,
     Classification,
     ImageDescription,
-    Served,
     StageObserver,
     Ticket,
     Upload,
@@ -61,6 +59,7 @@ from api.errors import (
     ServiceUnavailable,
 )
 from api.remote import wire
+from api.remote.frontend.connection import Connection, ModelView
 from api.remote.frontend.inflight import InFlight, PendingJob
 from api.remote.frontend.liveness import Liveness
 from api.remote.frontend.spawner import kill_engine
@@ -87,46 +86,6 @@ from api.remote.messages import (
 logger = logging.getLogger(__name__)
 
 MAX_RING_SLOTS = 4096
-
-
-@dataclass(frozen=True)
-class ModelView:
-    """One model the engine serves, as a front-end needs it: read once per request, so the pixels,
-    the labels and the version in an answer all belong to the model that produced its scores."""
-
-    epoch: int  # which engine process (connection) offered it
-    generation: int
-    served: Served
-    recipe: Recipe
-    reduce_to: int | None
-    ship_decoded_bytes: int
-    described: dict[str, Any]
-
-    @classmethod
-    def offered(cls, epoch: int, offer: ModelOffer) -> ModelView:
-        return cls(
-            epoch,
-            offer.generation,
-            offer.served,
-            offer.recipe,
-            offer.reduce_to,
-            offer.ship_decoded_bytes,
-            offer.described,
-        )
-
-    def prepares_like(self, other: ModelView) -> bool:
-        """Pixels prepared for `other` are right for this model, and its labels are the same."""
-        return self.recipe == other.recipe and self.served.class_names == other.served.class_names
-
-
-@dataclass(frozen=True)
-class Connection:
-    """One engine process, as this front-end is connected to it."""
-
-    sock: socket.socket
-    board: wire.Board
-    index: int  # this front-end's row on the board
-    pid: int
 
 
 class EngineLink:
