@@ -94,12 +94,30 @@ def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> 
             "NUM_STREAMS": 1,
         },
     )
-    effective = "bf16" if "bf16" in str(compiled.get_property("INFERENCE_PRECISION_HINT")) else "fp32"
+    effective = executed_precision(compiled)
     if effective != precision:
         logger.warning(
-            "OpenVINO computes in %s here, not %s: its CPU plugin uses bf16 only with AMX", effective, precision
+            "OpenVINO computes in %s here, not %s: this CPU has no bf16 hardware (AMX or AVX512-BF16)",
+            effective,
+            precision,
         )
     return OpenVINORuntime(compiled, compiled.create_infer_request(), head, effective, threads)
+
+
+# the layers that carry a network's arithmetic; what they execute in is the model's precision
+_COMPUTE_LAYERS = frozenset({"Convolution", "GroupConvolution", "FullyConnected", "MatMul"})
+
+
+def executed_precision(compiled: Any) -> str:
+    """What the compiled model really computes in, read from its runtime graph: "bf16" when its
+    convolutions and matrix products run in bf16, else "fp32". (The precision hint read back says what
+    was asked for, as a type object, not what the plugin chose for each layer.)"""
+    precisions = set()
+    for op in compiled.get_runtime_model().get_ordered_ops():
+        info = op.get_rt_info()
+        if "layerType" in info and info["layerType"].astype(str) in _COMPUTE_LAYERS and "runtimePrecision" in info:
+            precisions.add(info["runtimePrecision"].astype(str))
+    return "bf16" if "bf16" in precisions else "fp32"
 
 
 def available() -> bool:
