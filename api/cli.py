@@ -296,7 +296,7 @@ def cmd_reload(args: argparse.Namespace) -> None:
     if response.status_code == 404 and "error" in answer and "unknown model" not in str(answer["error"]):
         _fail(
             f"{endpoint}: not found; is API_ADMIN_KEY set on the server? (the route is off without it)",
-            status=EXIT_ERROR,
+            EXIT_ERROR,
         )
     if response.status_code != 200:
         _fail(f"reload refused ({response.status_code}): {answer.get('error', answer)}", EXIT_ERROR)

@@ -73,16 +73,7 @@ def feed(checkpoint: Path, seconds: float, in_flight: int = 512) -> dict[str, fl
     address = wire.address(f"bench-{os.getpid()}", "cpu")
     spawner = EngineSpawner(
         address,
-        EngineConfig(
-            settings.model_group,
-            settings.batching_group,
-            0.0,
-            "WARNING",
-            None,
-            settings.log_format,
-            settings.model_repository,
-            settings.model_load_timeout_s,
-        ),
+        EngineConfig.from_settings(settings, linger_s=0.0, log_level="WARNING", log_dir=None),
     )
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     while True:

@@ -7,7 +7,6 @@ Runners say what they need explicitly (`LoadPolicy`), and hand in the `ServiceSt
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -83,17 +82,7 @@ def _owner(settings: Settings, metrics: Metrics) -> Owner:
     from api.remote.frontend.spawner import EngineSpawner, engine_group
 
     group, shared = engine_group()
-    batching = dataclasses.replace(settings.batching_group, workers=1)  # the engine has the CPUs to itself
-    config = EngineConfig(
-        settings.model_group,
-        batching,
-        settings.engine_linger_s if shared else 0.0,
-        settings.log_level,
-        settings.log_dir,
-        settings.log_format,
-        settings.model_repository,
-        settings.model_load_timeout_s,
-    )
+    config = EngineConfig.from_settings(settings, linger_s=settings.engine_linger_s if shared else 0.0)
     device = settings.device.replace(":", "")
     address = wire.address(group, device)
     spawner = EngineSpawner(address, config)
@@ -235,16 +224,11 @@ def error_body(path: str, code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def _error(
-    request: Request, status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    return JSONResponse(error_body(request.url.path, code, message), status_code=status, headers=headers)
-
-
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestError)
     async def request_error(request: Request, error: RequestError) -> JSONResponse:
-        return _error(request, error.status, error.code, error.message, error.headers)
+        body = error_body(request.url.path, error.code, error.message)
+        return JSONResponse(body, status_code=error.status, headers=error.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:

@@ -1,8 +1,7 @@
 """timm's eval transform, read once at load time and turned into a `Recipe` (api/engine/images/recipe.py).
 
 The recipe is the PIL half (resize + crop: a front-end process runs it without torch); to-tensor and
-normalisation run once per batch in the runtime. `decode_image` and friends live in
-`api.engine.images.decode` and are re-exported here.
+normalisation run once per batch in the runtime. Decoding lives in `api.engine.images.decode`.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
     413: {
         "model": ErrorResponse,
-        "description": "UploadedFile over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
+        "description": "Upload over API_MAX_UPLOAD_MB, canvas over API_MAX_IMAGE_PIXELS, or costlier to decode "
         "than API_DECODE_BUDGET_MP.",
     },
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
