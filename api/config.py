@@ -74,10 +74,25 @@ class Settings(BaseSettings):
         "and PyTorch for this model on this CPU, timed once and remembered in API_CACHE_DIR. null: no forward "
         "pass at all (scores from the first pixel), for benchmarks and tests of everything around the model.",
     )
-    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "bf16", "int8"] = Field(
         "auto",
-        description="Compute precision. auto: bf16 on CPUs with AMX or AVX512-BF16 (single-label models), "
-        "else fp32; fp16/bf16 autocast pays off on GPUs.",
+        description="Compute precision. auto on a CPU: with API_EVAL_DIR, the fastest runtime and precision "
+        "(fp32, bf16, INT8) whose answers agree with PyTorch fp32 on the evaluation images (API_MIN_AGREEMENT); "
+        "without it, exact fp32. auto on a GPU: fp32. fp32/bf16/fp16/int8: served as asked (int8: OpenVINO, "
+        "calibrated on API_EVAL_DIR, which it needs).",
+    )
+    eval_dir: Path | None = Field(
+        None,
+        description="Your own held-out images, to measure what a cheaper precision changes: one subfolder per "
+        "class (labels known, accuracy reported) or images at its top (unlabeled). Part calibrates INT8, the "
+        "rest is held out for the gate. In Docker: a folder in the models volume, e.g. /app/models/eval.",
+    )
+    min_agreement: float = Field(
+        0.99,
+        gt=0.0,
+        le=1.0,
+        description="The gate a cheaper precision must pass under API_PRECISION=auto: its top-1 answers agree "
+        "with PyTorch fp32 on at least this share of the held-out evaluation images (and at least 100 of them).",
     )
     cache_dir: Path | None = Field(
         None,
@@ -242,6 +257,7 @@ class Settings(BaseSettings):
         "admin_key",
         "cache_dir",
         "model_repository",
+        "eval_dir",
         mode="before",
     )
     @classmethod
@@ -260,6 +276,26 @@ class Settings(BaseSettings):
             except OSError as error:
                 raise ValueError(f"cannot read it ({error.strerror}); mount the secret there") from None
         return value
+
+    @field_validator("eval_dir")
+    @classmethod
+    def _eval_folder(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_dir():
+            raise ValueError(f"{value} is not a folder; point it at a folder of your held-out images, or unset it")
+        return value
+
+    @model_validator(mode="after")
+    def _int8_needs_images(self) -> Settings:
+        if self.precision == "int8" and self.eval_dir is None:
+            raise ValueError(
+                "API_PRECISION=int8 needs API_EVAL_DIR: INT8 is calibrated on your own images and its answers "
+                "measured against fp32 there; set API_EVAL_DIR to a folder of held-out images, or use bf16/fp32"
+            )
+        if self.precision == "int8" and self.runtime not in ("auto", "openvino"):
+            raise ValueError(
+                f"API_PRECISION=int8 runs on OpenVINO, not API_RUNTIME={self.runtime}; set API_RUNTIME=auto"
+            )
+        return self
 
     @model_validator(mode="after")
     def _key_from_file(self) -> Settings:
@@ -318,6 +354,8 @@ class ModelSettings:
     device: str
     runtime: str
     precision: str
+    eval_dir: Path | None
+    min_agreement: float
     compile: bool
     cuda_graphs: bool
     max_batch_size: int  # the largest batch the runtime will see (padded sizes, timed choices)

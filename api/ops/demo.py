@@ -8,10 +8,12 @@ the ImageNet labels timm ships offline), which the server then loads like any us
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import timm
 import torch
+from PIL import Image
 from timm.data import ImageNetInfo
 from timm.models import save_for_hf
 
@@ -19,6 +21,7 @@ from api.errors import CatBreedsError
 
 DEMO_ARCHITECTURE = "tf_efficientnet_lite0"
 DEFAULT_DEMO_DIR = Path("models/demo")
+DEFAULT_DEMO_EVAL_DIR = Path("models/demo-eval")
 
 
 def _source_weights() -> dict[str, torch.Tensor]:
@@ -53,4 +56,65 @@ def write_demo_model(output: Path = DEFAULT_DEMO_DIR, *, overwrite: bool = False
     }
     output.mkdir(parents=True, exist_ok=True)
     save_for_hf(model, str(output), model_config=config, safe_serialization=True)
+    return output
+
+
+# The bundled photos of scikit-image (the demo extra): a cat, a rocket, coffee, an astronaut, coins, ...
+DEMO_PHOTOS = (
+    "astronaut.png",
+    "brick.png",
+    "camera.png",
+    "chelsea.png",
+    "coffee.png",
+    "coins.png",
+    "grass.png",
+    "gravel.png",
+    "hubble_deep_field.jpg",
+    "ihc.png",
+    "moon.png",
+    "motorcycle_left.png",
+    "motorcycle_right.png",
+    "page.png",
+    "retina.jpg",
+    "rocket.jpg",
+    "text.png",
+)
+DEMO_EVAL_IMAGES = 360  # 150 calibrate INT8, 210 are held out (API_EVAL_DIR's split)
+
+
+def crops(count: int, *, seed: int) -> list[Image.Image]:
+    """`count` random crops (a fifth to all of the short side, anywhere) of scikit-image's bundled photos."""
+    try:
+        from importlib.resources import files
+
+        folder = files("skimage.data")
+    except ModuleNotFoundError:
+        raise CatBreedsError(
+            "the demo's evaluation images need the 'demo' extra: pip install 'cat-breeds-api[demo]' (scikit-image)"
+        ) from None
+    photos: list[Image.Image] = []
+    for name in DEMO_PHOTOS:
+        with Image.open(folder.joinpath(name)) as opened:  # type: ignore[arg-type]
+            photos.append(opened.convert("RGB"))
+    rng = random.Random(seed)
+    out = []
+    for i in range(count):
+        photo = photos[i % len(photos)]
+        side = int(min(photo.size) * rng.uniform(0.2, 1.0))
+        left, top = rng.randint(0, photo.width - side), rng.randint(0, photo.height - side)
+        crop = photo.crop((left, top, left + side, top + side))
+        crop.thumbnail((320, 320))
+        out.append(crop)
+    return out
+
+
+def write_demo_eval(output: Path = DEFAULT_DEMO_EVAL_DIR, *, count: int = DEMO_EVAL_IMAGES, seed: int = 0) -> Path:
+    """Write the demo's evaluation folder (unlabeled: images at its top) at `output` and return it."""
+    if output.is_dir() and len(list(output.glob("*.jpg"))) == count:
+        return output
+    output.mkdir(parents=True, exist_ok=True)
+    for stale in output.glob("*.jpg"):
+        stale.unlink()
+    for i, crop in enumerate(crops(count, seed=seed)):
+        crop.save(output / f"crop-{i:04d}.jpg", quality=90)
     return output

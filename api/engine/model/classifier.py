@@ -36,6 +36,7 @@ class Classifier:
     runtime_reason: str = ""
     precision_reason: str = ""
     load_seconds: float = 0.0
+    evaluation: dict[str, Any] | None = None  # the candidates measured on a CPU (Evaluation.to_dict())
 
     @property
     def num_classes(self) -> int:
@@ -97,7 +98,8 @@ class Classifier:
             "runtime_reason": self.runtime_reason,
             "precision": runtime.pop("precision"),
             "precision_reason": self.precision_reason,
-            "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[self.runtime.precision],
+            "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}[self.runtime.precision],
+            "evaluation": self.evaluation,
             "runtime_details": runtime,
             "checkpoint_path": str(ckpt.path),
             "checkpoint_format": ckpt.format,

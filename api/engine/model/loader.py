@@ -1,71 +1,43 @@
 """Load a classifier: checkpoint + timm architecture + labels + preprocessing + device + runtime, warmed up.
 
 `load_classifier(ModelSettings)` is the loader; what it returns is complete and immutable
-(api/engine/model/classifier.py). The runtime is chosen here (API_RUNTIME, API_PRECISION): PyTorch on
-CUDA and MPS; on a CPU OpenVINO or PyTorch, whichever is faster for this model on this CPU, timed
-once and remembered in the model cache with the converted model.
+(api/engine/model/classifier.py). The runtime and precision (API_RUNTIME, API_PRECISION, API_EVAL_DIR)
+are chosen by api/engine/model/choice.py: PyTorch on CUDA and MPS; on a CPU, by measurement.
 """
 
 from __future__ import annotations
 
 import logging
-import statistics
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any
 
-import numpy as np
 import timm
 import torch
 from PIL import Image
 
 from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES, ModelSettings
-from api.engine.images.recipe import Recipe
-from api.engine.model.cache import ModelCache
 from api.engine.model.checkpoint import Checkpoint, read_checkpoint
+from api.engine.model.choice import Built, Plan, choose_runtime
 from api.engine.model.classifier import Classifier
 from api.engine.model.device import resolve_device
 from api.engine.model.labels import resolve_class_names
 from api.engine.model.preprocess import build_transform, split_transform
-from api.engine.model.runtimes import openvino_runtime
-from api.engine.model.runtimes.base import (
-    Head,
-    Precision,
-    Runtime,
-    batch_buckets,
-    cpu_has_bf16,
-    cpu_model_name,
-    resolve_precision,
-)
-from api.engine.model.runtimes.null_runtime import NullRuntime
+from api.engine.model.runtimes.base import Head
 from api.engine.model.runtimes.torch_runtime import TorchRuntime
 from api.errors import CheckpointMismatch, ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
-TIMED_PASSES = 3  # per candidate, interleaved, after one untimed pass each
 
-
-@dataclass(frozen=True)
-class _Built:
-    """What the checkpoint resolves to, before a runtime is chosen."""
-
-    model: torch.nn.Module
-    scripted: bool
-    architecture: str
-    class_names: list[str]
-    labels_source: str
-    transform: Any
-    data_config: dict[str, Any]
-    split: Recipe
-
-
-def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
+def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool = True) -> Classifier:
     """Build the classifier described by the checkpoint, with settings as explicit overrides.
 
     Metadata in the checkpoint wins over settings; a setting that would give wrong answers
     (e.g. `num_classes` differing from the classifier's outputs) stops the load with both numbers.
     `threads` is what the runtime may use (the CPU quota's share; torch's own are set by the caller).
+    `measure=False`: MeasurementNeeded instead of measuring the candidate runtimes on a CPU (the engine
+    process: its prepare process measures, api/engine/model/choice.py).
     """
     if settings.checkpoint_path is None:
         raise ConfigError(
@@ -77,14 +49,10 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
     ckpt = read_checkpoint(settings.checkpoint_path, use_ema=settings.use_ema)
     built = _build(ckpt, settings)
     ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
-    precision = resolve_precision(
-        settings.precision,
-        device,
-        multi_label=settings.multi_label,
-        has_bf16=device.type == "cpu" and cpu_has_bf16(),
-    )
+    precision = "fp32" if settings.precision == "auto" else settings.precision  # a GPU's; a CPU measures
     head = Head(built.split.mean, built.split.std, settings.multi_label)
-    runtime, runtime_reason = _choose_runtime(_Plan(built, ckpt, settings, device, precision, head, threads))
+    choice = choose_runtime(Plan(built, ckpt, settings, device, precision, head, threads), measure=measure)
+    runtime = choice.runtime
     classifier = Classifier(
         runtime=runtime,
         split=built.split,
@@ -98,8 +66,9 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
         labels_source=built.labels_source,
         multi_label=settings.multi_label,
         threshold=settings.threshold,
-        runtime_reason=runtime_reason,
-        precision_reason=precision.reason,
+        runtime_reason=choice.runtime_reason,
+        precision_reason=choice.precision_reason,
+        evaluation=choice.evaluation.to_dict() if choice.evaluation is not None else None,
     )
     warm_up(classifier)
     if isinstance(runtime, TorchRuntime) and settings.cuda_graphs and device.type == "cuda" and not settings.compile:
@@ -110,7 +79,7 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1) -> Classifier:
     return replace(classifier, load_seconds=time.perf_counter() - started)
 
 
-def _build(ckpt: Checkpoint, settings: ModelSettings) -> _Built:
+def _build(ckpt: Checkpoint, settings: ModelSettings) -> Built:
     model: torch.nn.Module
     if ckpt.scripted is not None:
         model, architecture = ckpt.scripted, settings.model_name or DEFAULT_MODEL_NAME
@@ -132,164 +101,9 @@ def _build(ckpt: Checkpoint, settings: ModelSettings) -> _Built:
     split = split_transform(transform)
     if split is None:
         raise ConfigError(f"preprocessing {transform} is not timm's eval shape (resize, crop, to-tensor, normalize)")
-    return _Built(
+    return Built(
         model.eval(), ckpt.scripted is not None, architecture, names, labels_source, transform, data_config, split
     )
-
-
-@dataclass(frozen=True)
-class _Plan:
-    """Everything the runtime choice depends on: the resolved model, where and how it runs."""
-
-    built: _Built
-    ckpt: Checkpoint
-    settings: ModelSettings
-    device: torch.device
-    precision: Precision
-    head: Head
-    threads: int
-
-    def torch_runtime(self) -> TorchRuntime:
-        settings, device = self.settings, self.device
-        model = self.built.model.to(device)
-        if device.type != "mps":
-            model = model.to(memory_format=torch.channels_last)
-        padded: tuple[int, ...] = ()
-        if device.type == "cuda":
-            # the loading thread also runs every pass: its streams, and graph capture, on this GPU
-            torch.cuda.set_device(device)
-            # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
-            # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
-            torch.backends.cudnn.benchmark = True
-            padded = batch_buckets(settings.max_batch_size)
-        if settings.compile:
-            model = torch.compile(model)  # type: ignore[assignment]  # a compiled graph per padded size, in warm_up
-            padded = batch_buckets(settings.max_batch_size)
-        return TorchRuntime(model, device, self.head, self.precision.value, padded, compiled=settings.compile)
-
-
-def _choose_runtime(plan: _Plan) -> tuple[Runtime, str]:
-    """API_RUNTIME -> the runtime, and why it is that one (for the ready line)."""
-    asked, device = plan.settings.runtime, plan.device
-    if asked == "null":
-        return NullRuntime(len(plan.built.class_names)), "API_RUNTIME=null: no forward pass (bench and tests only)"
-    if asked == "torch" or device.type != "cpu":
-        if asked == "openvino":
-            raise ConfigError(
-                f"API_RUNTIME=openvino runs on the CPU, but the device is {device} "
-                f"(settings.device={plan.settings.device!r}); set API_DEVICE=cpu, or API_RUNTIME=auto or torch"
-            )
-        why = f"API_RUNTIME={asked}" if asked == "torch" else f"API_RUNTIME=auto: PyTorch on {device.type}"
-        return plan.torch_runtime(), why
-    obstacle = _openvino_obstacle(plan.built, plan.settings)
-    if obstacle is not None:
-        if asked == "openvino":
-            raise ConfigError(f"API_RUNTIME=openvino: {obstacle}; set API_RUNTIME=torch or auto")
-        logger.info("runtime: PyTorch, since %s", obstacle)
-        return plan.torch_runtime(), f"API_RUNTIME=auto: PyTorch ({obstacle})"
-    cache = ModelCache(plan.settings.cache_dir)
-    try:
-        openvino = _openvino(plan, cache)
-    except ConfigError as error:
-        if asked == "openvino":
-            raise ConfigError(f"API_RUNTIME=openvino: {error}; set API_RUNTIME=torch or auto") from None
-        logger.warning("runtime: PyTorch, since %s", error)
-        return plan.torch_runtime(), f"API_RUNTIME=auto: PyTorch ({error})"
-    if asked == "openvino":
-        return openvino, "API_RUNTIME=openvino"
-    return _faster(plan, openvino, cache)
-
-
-def _openvino_obstacle(built: _Built, settings: ModelSettings) -> str | None:
-    if built.scripted:
-        return "a TorchScript checkpoint is not converted to OpenVINO"
-    if settings.compile:
-        return "API_COMPILE=true asks for torch.compile"
-    if not openvino_runtime.available():
-        return "OpenVINO is not installed (pip install openvino)"
-    return None
-
-
-def _openvino(plan: _Plan, cache: ModelCache) -> Runtime:
-    import openvino
-
-    built, head = plan.built, plan.head
-    key = {
-        "kind": "openvino",
-        "checkpoint_sha256": plan.ckpt.sha256,
-        "architecture": built.architecture,
-        "num_classes": len(built.class_names),
-        "input_size": list(built.data_config["input_size"]),
-        "mean": list(head.mean),
-        "std": list(head.std),
-        "openvino": openvino_runtime.openvino_version(),
-        "batch": "dynamic",
-    }
-    entry = cache.get(key)
-    if entry is not None:
-        model = openvino.Core().read_model(str(entry.file("model.xml")))
-        logger.info("runtime: OpenVINO model read from the cache (%s)", entry.folder)
-    else:
-        started = time.perf_counter()
-        model = openvino_runtime.convert(built.model, tuple(built.data_config["input_size"]), head)
-        # weights kept as they are (f32): the converter's default would store them as fp16
-        cache.put(key, lambda folder: openvino.save_model(model, str(folder / "model.xml"), compress_to_fp16=False))
-        logger.info("runtime: converted the model to OpenVINO in %.1fs", time.perf_counter() - started)
-    return openvino_runtime.compile_for_cpu(model, head=head, precision=plan.precision.value, threads=plan.threads)
-
-
-def _faster(plan: _Plan, openvino: Runtime, cache: ModelCache) -> tuple[Runtime, str]:
-    """API_RUNTIME=auto on a CPU: the faster of OpenVINO and PyTorch at the largest batch, timed
-    once per architecture, CPU, precision and thread count, and remembered in the cache.
-
-    Speed does not depend on the weights: a retrained checkpoint of the same architecture (a model
-    swap, most often) reuses the timing made before, when nothing else was running."""
-    batch = plan.settings.max_batch_size
-    key = {
-        "kind": "choice",
-        "architecture": plan.built.architecture,
-        "num_classes": len(plan.built.class_names),
-        "model_args": plan.ckpt.model_args,
-        "input_size": list(plan.built.data_config["input_size"]),
-        "precision": plan.precision.value,
-        "batch": batch,
-        "threads": plan.threads,
-        "cpu": cpu_model_name(),
-        "openvino": openvino_runtime.openvino_version(),
-        "torch": torch.__version__,
-    }
-    entry = cache.get(key)
-    if entry is not None and entry.manifest.get("runtime") in ("openvino", "torch"):
-        rates = entry.manifest.get("images_per_s", {})
-        chosen = entry.manifest["runtime"]
-        why = f"API_RUNTIME=auto: {chosen} (timed earlier on this CPU: {_rates(rates)}; cached)"
-        logger.info("runtime: %s", why)
-        return (openvino if chosen == "openvino" else plan.torch_runtime()), why
-    candidates: dict[str, Runtime] = {"openvino": openvino, "torch": plan.torch_runtime()}
-    rates = _time(candidates, plan.built, batch)
-    chosen = max(rates, key=rates.__getitem__)
-    cache.put(key, lambda folder: None, extra={"runtime": chosen, "images_per_s": rates})
-    why = f"API_RUNTIME=auto: {chosen} (timed now at batch {batch}: {_rates(rates)})"
-    logger.info("runtime: %s", why)
-    return candidates[chosen], why
-
-
-def _rates(rates: dict[str, float]) -> str:
-    return ", ".join(f"{name} {rate:.1f} img/s" for name, rate in sorted(rates.items(), key=lambda kv: -kv[1]))
-
-
-def _time(candidates: dict[str, Runtime], built: _Built, batch: int) -> dict[str, float]:
-    height, width = built.data_config["input_size"][1:]
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
-    seconds: dict[str, list[float]] = {name: [] for name in candidates}
-    for runtime in candidates.values():
-        runtime.forward(pixels)  # first pass: allocation, kernel selection
-    for _ in range(TIMED_PASSES):  # interleaved: this machine drifts over seconds
-        for name, runtime in candidates.items():
-            started = time.perf_counter()
-            runtime.forward(pixels)
-            seconds[name].append(time.perf_counter() - started)
-    return {name: round(batch / statistics.median(times), 2) for name, times in seconds.items()}
 
 
 def warm_up(classifier: Classifier) -> None:

@@ -94,12 +94,14 @@ class Engine:
         *,
         on_its_way: Callable[[], int] | None = None,
         after_batch: Callable[[], None] | None = None,
+        measure: bool = True,
     ) -> Engine:
         """Load the classifier on the inference thread (threads sized from the CPU quota), start its
         batcher and the decode pool. Blocks until loaded and warmed up.
 
         The engine process (api/remote/host/host.py) passes `on_its_way` (images front-ends are still
-        decoding) and `after_batch` (send the batch's replies) and submits jobs itself."""
+        decoding) and `after_batch` (send the batch's replies) and submits jobs itself, and `measure=False`
+        (MeasurementNeeded: its prepare process measures the CPU's runtimes, api/engine/model/choice.py)."""
         watcher = observer or _Quiet()
         budget = cpu_budget(batching.num_threads, workers=batching.workers)
         logger.info("cpu: %s; inference threads %d, decode pool %d", budget.describe(), budget.threads, budget.threads)
@@ -108,7 +110,7 @@ class Engine:
 
         def load() -> Classifier:
             torch.set_num_threads(budget.threads)
-            return load_classifier(model, threads=budget.threads)
+            return load_classifier(model, threads=budget.threads, measure=measure)
 
         def on_batch(size: int, seconds: float) -> None:
             device = batcher.classifier.device if batcher.classifier is not None else None

@@ -35,17 +35,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
 from prometheus_client import CollectorRegistry, generate_latest
 
 from api.config import ModelSettings
 from api.cpu import cpu_budget
 from api.engine.images.device_resize import resize_mode
 from api.engine.memory import release_free_memory
+from api.engine.model.choice import MeasurementNeeded
 from api.engine.serving.figures import EngineFigures
 from api.engine.serving.service import Engine
 from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
 from api.remote import wire
 from api.remote.entrypoints import EngineConfig
+from api.remote.host.aside import AsideFailed
 from api.remote.host.frontends import Frontend, RemoteJob
 from api.remote.host.prepare import prepare_beside
 from api.remote.host.rules import (
@@ -118,7 +121,7 @@ class Host:
         swapped_in = self.config.swapped_in
         first = self.model if swapped_in is None else dataclasses.replace(self.model, checkpoint_path=swapped_in)
         try:
-            engine = self._start(first)
+            engine = self._first(first)
         except StartupError as error:
             self._refuse(str(error))
             return EXIT_LOAD_FAILED
@@ -139,10 +142,30 @@ class Host:
                 served.close()
         return 0
 
-    def _start(self, model: ModelSettings) -> Engine:
+    def _start(self, model: ModelSettings, *, measure: bool = False) -> Engine:
         return Engine.start(
-            model, self.batching, self.figures, on_its_way=self.board.on_its_way, after_batch=self._flush
+            model,
+            self.batching,
+            self.figures,
+            on_its_way=self.board.on_its_way,
+            after_batch=self._flush,
+            measure=measure,
         )
+
+    def _first(self, model: ModelSettings) -> Engine:
+        """The first model. On a CPU whose runtimes were not measured for it yet (the model cache says),
+        its prepare process measures them first, as a swap's does; this process reads the outcome."""
+        try:
+            return self._start(model)
+        except MeasurementNeeded as needed:
+            logger.info("runtime: measuring the candidates in a process of its own first (%s)", needed)
+        threads = cpu_budget(self.batching.num_threads, workers=self.batching.workers).threads
+        deadline = time.monotonic() + self.config.load_timeout_s
+        try:
+            prepare_beside(model, torch.device("cpu"), threads=threads, deadline=deadline, cancel=self._stop)
+        except AsideFailed as failed:
+            raise ModelLoadError(str(failed)) from None
+        return self._start(model, measure=True)  # measures here only if the cache could not keep it
 
     def _serve_model(self, engine: Engine, generation: int) -> None:
         """`engine` answers every job tagged `generation` from now on; new front-ends get it."""

@@ -10,6 +10,8 @@ the batcher already forms the batches.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,9 @@ from api.errors import ConfigError, first_line
 
 logger = logging.getLogger(__name__)
 
-OV_PRECISION = {"fp32": "f32", "bf16": "bf16"}
+# what the layers that are not quantized compute in: an INT8 model keeps the rest exact (f32), where the
+# plugin's default on a bf16 CPU would be bf16 (measured on the demo: 0.87 vs 0.82 top-1 agreement)
+OV_PRECISION = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}
 
 
 def openvino_version() -> str:
@@ -77,12 +81,41 @@ class OpenVINORuntime:
         }
 
 
+def quantize_int8(model: Any, calibration: np.ndarray) -> Any:
+    """An `openvino.Model` quantized to INT8 by NNCF's post-training quantization, its statistics
+    gathered on `calibration` (N x H x W x 3 uint8, the serving preprocessing's output).
+
+    NNCF's full bias correction (`fast_bias_correction=False`), since it measurably keeps more answers:
+    on the demo's real weights and photos, 0.87 top-1 agreement with fp32 instead of 0.78, for twice
+    the quantization time (11 s instead of 6 s on a 2-vCPU AMD EPYC) and the same speed. Its
+    accuracy-aware mode was tried and is not used: on a CPU with bf16 it reverts layers to bf16, which
+    disagree too (0.90), ran 11 minutes and gave up."""
+    import nncf
+
+    logging.getLogger("nncf").setLevel(logging.WARNING)
+    dataset = nncf.Dataset(calibration, lambda image: image[None])
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress bars: not in the service's log
+            return nncf.quantize(model, dataset, subset_size=len(calibration), fast_bias_correction=False)
+    except Exception as error:  # NNCF fails in many ways on graphs it does not know
+        raise ConfigError(f"NNCF cannot quantize this model to INT8: {first_line(error)}") from None
+
+
+def nncf_version() -> str:
+    import nncf
+
+    return str(nncf.__version__)
+
+
 def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> OpenVINORuntime:
-    """An `openvino.Model` compiled for this CPU at `precision` (fp32 or bf16) with `threads` threads."""
+    """An `openvino.Model` compiled for this CPU at `precision` (fp32 or bf16; int8 for a quantized
+    model) with `threads` threads."""
     import openvino
 
     if precision not in OV_PRECISION:
-        raise ConfigError(f"API_PRECISION={precision} is not available with API_RUNTIME=openvino; use bf16 or fp32")
+        raise ConfigError(
+            f"API_PRECISION={precision} is not available with API_RUNTIME=openvino; use int8, bf16 or fp32"
+        )
     core = openvino.Core()
     compiled = core.compile_model(
         model,
@@ -95,7 +128,7 @@ def compile_for_cpu(model: Any, *, head: Head, precision: str, threads: int) -> 
         },
     )
     effective = executed_precision(compiled)
-    if effective != precision:
+    if effective != precision and precision != "int8":
         logger.warning(
             "OpenVINO computes in %s here, not %s: this CPU has no bf16 hardware (AMX or AVX512-BF16)",
             effective,
@@ -109,14 +142,17 @@ _COMPUTE_LAYERS = frozenset({"Convolution", "GroupConvolution", "FullyConnected"
 
 
 def executed_precision(compiled: Any) -> str:
-    """What the compiled model really computes in, read from its runtime graph: "bf16" when its
-    convolutions and matrix products run in bf16, else "fp32". (The precision hint read back says what
-    was asked for, as a type object, not what the plugin chose for each layer.)"""
+    """What the compiled model really computes in, read from its runtime graph: "int8" when its
+    convolutions and matrix products run on 8-bit integers, "bf16" when in bf16, else "fp32". (The
+    precision hint read back says what was asked for, as a type object, not what the plugin chose for
+    each layer.)"""
     precisions = set()
     for op in compiled.get_runtime_model().get_ordered_ops():
         info = op.get_rt_info()
         if "layerType" in info and info["layerType"].astype(str) in _COMPUTE_LAYERS and "runtimePrecision" in info:
             precisions.add(info["runtimePrecision"].astype(str))
+    if precisions & {"i8", "u8"}:
+        return "int8"
     return "bf16" if "bf16" in precisions else "fp32"
 
 

@@ -1,0 +1,352 @@
+"""API_RUNTIME and API_PRECISION -> the runtime that serves, built, and why.
+
+PyTorch on CUDA and MPS. On a CPU, the candidates (api/engine/model/evaluation.py) are measured once
+and the outcome remembered in the model cache, keyed by the checkpoint, the evaluation folder's
+digest, the CPU and the runtimes' versions; OpenVINO's converted and quantized models are cached
+beside it. Measuring runs TorchScript-free Python for seconds to a minute (conversion, NNCF's
+quantization, every candidate on every held-out image): the engine process asks for it with
+`measure=False` and gets `MeasurementNeeded` when the cache lacks it, so that the prepare process
+(api/remote/host/prepare.py) measures, and the engine only reads what it wrote.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from api.config import ModelSettings
+from api.engine.images.recipe import Recipe
+from api.engine.model import evalset
+from api.engine.model.cache import ModelCache
+from api.engine.model.checkpoint import Checkpoint
+from api.engine.model.evaluation import REFERENCE, Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
+from api.engine.model.runtimes import openvino_runtime
+from api.engine.model.runtimes.base import Head, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name
+from api.engine.model.runtimes.null_runtime import NullRuntime
+from api.engine.model.runtimes.torch_runtime import TorchRuntime
+from api.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED = {"torch": ("fp32", "bf16", "fp16"), "openvino": ("fp32", "bf16", "int8")}
+SPEED_CALIBRATION = 8  # random images: enough to time an INT8 model (never served) when there is no folder
+
+
+class MeasurementNeeded(Exception):
+    """The cache holds no measurement for this model here: the prepare process must make one first."""
+
+
+@dataclass(frozen=True)
+class Built:
+    """What the checkpoint resolves to, before a runtime is chosen."""
+
+    model: torch.nn.Module
+    scripted: bool
+    architecture: str
+    class_names: list[str]
+    labels_source: str
+    transform: Any
+    data_config: dict[str, Any]
+    split: Recipe
+
+    @property
+    def input_size(self) -> tuple[int, int, int]:
+        return tuple(self.data_config["input_size"])
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything the runtime choice depends on: the resolved model, where and how it runs."""
+
+    built: Built
+    ckpt: Checkpoint
+    settings: ModelSettings
+    device: torch.device
+    precision: str  # what the forward pass computes in on a GPU, or the setting (auto) on a CPU
+    head: Head
+    threads: int
+
+    def torch_runtime(self, precision: str | None = None) -> TorchRuntime:
+        settings, device = self.settings, self.device
+        model = self.built.model.to(device)
+        if device.type != "mps":
+            model = model.to(memory_format=torch.channels_last)
+        padded: tuple[int, ...] = ()
+        if device.type == "cuda":
+            # the loading thread also runs every pass: its streams, and graph capture, on this GPU
+            torch.cuda.set_device(device)
+            # cuDNN picks the fastest kernels per input shape, on first sight of it: batches are padded
+            # to a few sizes, each benchmarked in warm_up, so no request pays for a benchmark.
+            torch.backends.cudnn.benchmark = True
+            padded = batch_buckets(settings.max_batch_size)
+        if settings.compile:
+            model = torch.compile(model)  # type: ignore[assignment]  # a compiled graph per padded size, in warm_up
+            padded = batch_buckets(settings.max_batch_size)
+        return TorchRuntime(model, device, self.head, precision or self.precision, padded, compiled=settings.compile)
+
+
+@dataclass(frozen=True)
+class Choice:
+    runtime: Runtime
+    runtime_reason: str
+    precision_reason: str
+    evaluation: Evaluation | None = None  # None: nothing was measured (a GPU, one candidate, API_RUNTIME=null)
+
+
+def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
+    """The runtime that serves `plan`, built, and why."""
+    asked, device, precision = plan.settings.runtime, plan.device, plan.settings.precision
+    if asked == "null":
+        why = "API_RUNTIME=null: no forward pass (bench and tests only)"
+        return Choice(NullRuntime(len(plan.built.class_names)), why, why)
+    if device.type != "cpu":
+        if precision == "int8":
+            raise ConfigError(
+                f"API_PRECISION=int8 runs on OpenVINO on a CPU, but the device is {device}; "
+                "set API_PRECISION=fp16, bf16 or auto on a GPU, or API_DEVICE=cpu"
+            )
+        if asked == "openvino":
+            raise ConfigError(
+                f"API_RUNTIME=openvino runs on the CPU, but the device is {device} "
+                f"(settings.device={plan.settings.device!r}); set API_DEVICE=cpu, or API_RUNTIME=auto or torch"
+            )
+        why = f"API_RUNTIME={asked}" if asked == "torch" else f"API_RUNTIME=auto: PyTorch on {device.type}"
+        return Choice(plan.torch_runtime(), why, _gpu_precision_reason(precision))
+    specs = _specs(plan, _runtimes(plan))
+    folder = plan.settings.eval_dir
+    images = evalset.scan(folder) if folder is not None else None
+    if len(specs) == 1 and images is None:  # nothing to choose, nothing to judge
+        runtime, prec = specs[0]
+        built = _build(plan, specs[0], ModelCache(plan.settings.cache_dir), images)
+        return Choice(built, f"API_RUNTIME={asked}: {runtime}", f"API_PRECISION={precision}: {prec}")
+    cache = ModelCache(plan.settings.cache_dir)
+    key = _evaluation_key(plan, specs, images)
+    entry = cache.get(key)
+    if entry is not None:
+        evaluation = Evaluation.from_dict(entry.manifest["evaluation"])
+        logger.info("runtime: the measured choice read from the cache (%s)", entry.folder)
+        chosen = _build(plan, evaluation.chosen, cache, images)
+    elif not measure and cache.root is not None:
+        raise MeasurementNeeded(f"{len(specs)} candidates to measure")
+    else:
+        evaluation, runtimes = _measure(plan, specs, images, cache)
+        cache.put(key, lambda folder: None, extra={"evaluation": evaluation.to_dict()})
+        chosen = runtimes.pop(evaluation.chosen)
+        del runtimes  # the others' memory goes now
+    logger.info("runtime: %s", evaluation.summary())
+    served = evaluation.served
+    runtime_reason = f"API_RUNTIME={asked}: {served.runtime} {served.precision} at {served.img_s:.0f} img/s, measured"
+    return Choice(chosen, runtime_reason, evaluation.reason, evaluation)
+
+
+def _gpu_precision_reason(precision: str) -> str:
+    if precision == "auto":
+        return "API_PRECISION=auto: fp32 on GPUs (set fp16 or bf16 for autocast)"
+    return f"API_PRECISION={precision}"
+
+
+def _runtimes(plan: Plan) -> tuple[str, ...]:
+    """The runtimes that may serve on this CPU."""
+    asked = plan.settings.runtime
+    if asked == "torch":
+        return ("torch",)
+    obstacle = _openvino_obstacle(plan)
+    if obstacle is None:
+        return ("openvino",) if asked == "openvino" else ("openvino", "torch")
+    if asked == "openvino" or plan.settings.precision == "int8":
+        raise ConfigError(
+            f"API_RUNTIME={asked}, API_PRECISION={plan.settings.precision}: {obstacle}; set API_RUNTIME=torch"
+        )
+    logger.info("runtime: PyTorch, since %s", obstacle)
+    return ("torch",)
+
+
+def _specs(plan: Plan, runtimes: tuple[str, ...]) -> list[Spec]:
+    precision = plan.settings.precision
+    if precision == "auto":
+        wanted = ["fp32"]
+        if not plan.settings.multi_label:  # a multi-label model's thresholds are exact: fp32 only
+            wanted += ["bf16"] if cpu_has_bf16() else []
+            wanted += ["int8"]
+    else:
+        wanted = [precision]
+    specs = [(r, p) for r in runtimes for p in wanted if p in SUPPORTED[r]]
+    if not specs:
+        offered = ", ".join(f"{r}: {'/'.join(SUPPORTED[r])}" for r in runtimes)
+        raise ConfigError(
+            f"API_PRECISION={precision} is not available with API_RUNTIME={plan.settings.runtime} on a CPU "
+            f"({offered}); set API_RUNTIME=auto or another precision"
+        )
+    return specs
+
+
+def _openvino_obstacle(plan: Plan) -> str | None:
+    if plan.built.scripted:
+        return "a TorchScript checkpoint is not converted to OpenVINO"
+    if plan.settings.compile:
+        return "API_COMPILE=true asks for torch.compile"
+    if not openvino_runtime.available():
+        return "OpenVINO is not installed (pip install openvino)"
+    return None
+
+
+def _evaluation_key(plan: Plan, specs: list[Spec], images: evalset.EvalSet | None) -> dict[str, Any]:
+    return {
+        "kind": "evaluation",
+        "checkpoint_sha256": plan.ckpt.sha256,
+        "architecture": plan.built.architecture,
+        "input_size": list(plan.built.input_size),
+        "mean": list(plan.head.mean),
+        "std": list(plan.head.std),
+        "candidates": [list(spec) for spec in specs],
+        "precision": plan.settings.precision,
+        "min_agreement": plan.settings.min_agreement,
+        "eval_digest": images.digest if images is not None else None,
+        "batch": plan.settings.max_batch_size,
+        "threads": plan.threads,
+        "cpu": cpu_model_name(),
+        "openvino": openvino_runtime.openvino_version() if openvino_runtime.available() else None,
+        "torch": torch.__version__,
+    }
+
+
+def _measure(
+    plan: Plan, specs: list[Spec], images: evalset.EvalSet | None, cache: ModelCache
+) -> tuple[Evaluation, dict[Spec, Runtime]]:
+    started = time.perf_counter()
+    pixels, labels = _eval_pixels(plan, images)
+    calibration = images.calibration if images is not None else len(pixels)
+    runtimes: dict[Spec, Runtime] = {}
+    for spec in specs:
+        try:
+            runtimes[spec] = _build(plan, spec, cache, images, pixels[:calibration])
+        except ConfigError as error:
+            if plan.settings.precision != "auto":
+                raise
+            logger.warning("runtime: %s %s left out: %s", *spec, error)
+    specs = list(runtimes)
+    rates = time_runtimes(runtimes, plan.built.input_size, plan.settings.max_batch_size)
+    candidates = [Candidate(runtime, precision, rates[(runtime, precision)]) for runtime, precision in specs]
+    if images is not None:
+        held = pixels[calibration:]
+        batch = plan.settings.max_batch_size
+        reference_runtime = runtimes.get(REFERENCE) or plan.torch_runtime("fp32")
+        reference = scores_of(reference_runtime.forward, held, batch)
+        candidates = [
+            judge(
+                c,
+                scores_of(runtimes[c.spec].forward, held, batch),
+                reference,
+                labels,
+                min_agreement=plan.settings.min_agreement,
+            )
+            for c in candidates
+        ]
+    evaluation = choose(
+        candidates,
+        asked=plan.settings.precision,
+        min_agreement=plan.settings.min_agreement,
+        held_out=images.held_out if images is not None else None,
+    )
+    if images is not None:
+        evaluation = Evaluation(
+            evaluation.candidates, evaluation.chosen, evaluation.reason, evaluation.min_agreement, images.describe()
+        )
+    logger.info("runtime: %d candidates measured in %.1fs", len(specs), time.perf_counter() - started)
+    return evaluation, runtimes
+
+
+def _eval_pixels(plan: Plan, images: evalset.EvalSet | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The evaluation images through the serving preprocessing, and each held-out one's label index
+    (-1: a class the model does not have), or random pixels to time an INT8 model by."""
+    if images is None:
+        height, width = plan.built.input_size[1:]
+        noise = np.random.default_rng(1).integers(0, 256, (SPEED_CALIBRATION, height, width, 3), dtype=np.uint8)
+        return noise, None
+    pixels, kept = evalset.read_pixels(images.files, plan.built.split)
+    if len(kept) < len(images.files):
+        raise ConfigError(
+            f"API_EVAL_DIR={images.folder}: {len(images.files) - len(kept)} of {len(images.files)} images cannot be "
+            "read; remove them or convert them to JPEG or PNG"
+        )
+    if images.labels is None:
+        return pixels, None
+    index = {name: i for i, name in enumerate(plan.built.class_names)}
+    labels = np.array([index.get(label, -1) for label in images.labels[images.calibration :]])
+    return pixels, labels
+
+
+def _build(
+    plan: Plan,
+    spec: Spec,
+    cache: ModelCache,
+    images: evalset.EvalSet | None,
+    calibration: np.ndarray | None = None,
+) -> Runtime:
+    runtime, precision = spec
+    if runtime == "torch":
+        return plan.torch_runtime(precision)
+    model = _openvino_model(plan, cache)
+    if precision == "int8":
+        model = _int8_model(plan, model, cache, images, calibration)
+    return openvino_runtime.compile_for_cpu(model, head=plan.head, precision=precision, threads=plan.threads)
+
+
+def _converted_key(plan: Plan) -> dict[str, Any]:
+    return {
+        "kind": "openvino",
+        "checkpoint_sha256": plan.ckpt.sha256,
+        "architecture": plan.built.architecture,
+        "num_classes": len(plan.built.class_names),
+        "input_size": list(plan.built.input_size),
+        "mean": list(plan.head.mean),
+        "std": list(plan.head.std),
+        "openvino": openvino_runtime.openvino_version(),
+        "batch": "dynamic",
+    }
+
+
+def _openvino_model(plan: Plan, cache: ModelCache) -> Any:
+    import openvino
+
+    key = _converted_key(plan)
+    entry = cache.get(key)
+    if entry is not None:
+        logger.info("runtime: OpenVINO model read from the cache (%s)", entry.folder)
+        return openvino.Core().read_model(str(entry.file("model.xml")))
+    started = time.perf_counter()
+    model = openvino_runtime.convert(plan.built.model, plan.built.input_size, plan.head)
+    # weights kept as they are (f32): the converter's default would store them as fp16
+    cache.put(key, lambda folder: openvino.save_model(model, str(folder / "model.xml"), compress_to_fp16=False))
+    logger.info("runtime: converted the model to OpenVINO in %.1fs", time.perf_counter() - started)
+    return model
+
+
+def _int8_model(
+    plan: Plan, model: Any, cache: ModelCache, images: evalset.EvalSet | None, calibration: np.ndarray | None
+) -> Any:
+    """The converted model quantized on the evaluation folder's calibration part (cached by its digest),
+    or, with no folder, on random pixels: only to time it (never served)."""
+    import openvino
+
+    key = {
+        **_converted_key(plan),
+        "kind": "openvino-int8",
+        "calibration": images.digest if images is not None else "random",
+        "nncf": openvino_runtime.nncf_version(),
+    }
+    entry = cache.get(key)
+    if entry is not None:
+        return openvino.Core().read_model(str(entry.file("model.xml")))
+    if calibration is None:
+        raise MeasurementNeeded("the INT8 model is not in the cache")
+    started = time.perf_counter()
+    quantized = openvino_runtime.quantize_int8(model, calibration)
+    cache.put(key, lambda folder: openvino.save_model(quantized, str(folder / "model.xml"), compress_to_fp16=False))
+    logger.info("runtime: quantized to INT8 on %d images in %.1fs", len(calibration), time.perf_counter() - started)
+    return quantized
