@@ -9,6 +9,7 @@ CHECKOV_VENV := .venv-checkov
 CHECKOV := $(CHECKOV_VENV)/bin/checkov
 CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
+DEMO_EVAL_DIR := models/demo-eval
 
 .PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
@@ -37,7 +38,7 @@ lock: $(PIP_COMPILE)
 	$(PIP_COMPILE) $(LOCK_FLAGS) --extra dev --extra demo --output-file requirements/dev.lock pyproject.toml
 
 demo-model: $(STAMP)
-	$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR)
+	$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR) --eval-output $(DEMO_EVAL_DIR)
 
 # Serve API_CHECKPOINT_PATH (environment or .env); with none configured, the embedded demo model.
 # Model settings left unset defer to what the checkpoint records (.env.example leaves them unset); for
@@ -46,8 +47,8 @@ run: $(STAMP)
 	@export MALLOC_ARENA_MAX=2; \
 	if [ -z "$${API_CHECKPOINT_PATH:-}" ] && ! grep -Eqs '^[[:space:]]*API_CHECKPOINT_PATH=[^[:space:]]' .env; then \
 		echo "no API_CHECKPOINT_PATH configured: serving the embedded demo model ($(DEMO_DIR))"; \
-		$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR) >/dev/null || exit 1; \
-		export API_CHECKPOINT_PATH=$(DEMO_DIR) API_MODEL_NAME= API_NUM_CLASSES= API_IMAGE_SIZE= API_CLASS_NAMES_PATH=; \
+		$(BIN)/cat-breeds-api demo-model --output $(DEMO_DIR) --eval-output $(DEMO_EVAL_DIR) >/dev/null || exit 1; \
+		export API_CHECKPOINT_PATH=$(DEMO_DIR) API_EVAL_DIR=$(DEMO_EVAL_DIR) API_MODEL_NAME= API_NUM_CLASSES= API_IMAGE_SIZE= API_CLASS_NAMES_PATH=; \
 		exec $(BIN)/cat-breeds-api serve; \
 	else \
 		exec $(BIN)/cat-breeds-api serve; \

@@ -201,10 +201,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_demo_model(args: argparse.Namespace) -> None:
-    from api.ops.demo import write_demo_model
+    from api.ops.demo import write_demo_eval, write_demo_model
 
     try:
         path = write_demo_model(args.output, overwrite=args.force)
+        if args.eval_output is not None:
+            write_demo_eval(args.eval_output)
     except CatBreedsError as error:
         _fail(str(error), EXIT_ERROR)
     sys.stdout.write(f"{path}\n")
@@ -372,6 +374,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo-model", help="write the embedded ImageNet demo model as a timm model folder")
     demo.add_argument("--output", type=Path, default=Path("models/demo"), help="folder to write (models/demo)")
     demo.add_argument("--force", action="store_true", help="overwrite an existing demo model")
+    demo.add_argument(
+        "--eval-output",
+        type=Path,
+        default=None,
+        help="also write its evaluation images (crops of scikit-image's photos) there, for API_EVAL_DIR",
+    )
     demo.set_defaults(func=cmd_demo_model)
     return parser
 

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
 from api.config import HttpSettings, Settings
+from api.engine.model.evaluation import Evaluation
 from api.engine.serving.pipeline import Pipeline
 from api.errors import (
     EXIT_LOAD_FAILED,
@@ -108,7 +109,7 @@ def _log_ready(engine: Pipeline, settings: Settings) -> None:
     }
     logger.info(
         "model ready: %s, %d classes (labels: %s), %s %s on %s, %s %s (%s; %s), loaded and warmed up in %.2fs; "
-        "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB (decode <= %d MB), API key %s",
+        "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB (decode <= %d MB), API key %s%s",
         described["architecture"],
         described["num_classes"],
         described["labels_source"],
@@ -126,8 +127,16 @@ def _log_ready(engine: Pipeline, settings: Settings) -> None:
         settings.max_upload_mb,
         described["decode_budget_mb"],
         summary["api_key"],
+        _measured(described.get("evaluation")),
         extra=summary,
     )
+
+
+def _measured(evaluation: dict[str, Any] | None) -> str:
+    if evaluation is None:
+        return ""
+    where = f"on {evaluation['held_out_images']} held-out images" if evaluation["images"] else "speed only"
+    return f"; measured ({where}): {Evaluation.from_dict(evaluation).summary()}"
 
 
 def create_app(settings: Settings, *, policy: LoadPolicy | None = None, state: ServiceState | None = None) -> FastAPI:

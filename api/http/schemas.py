@@ -72,6 +72,30 @@ class BatchResponse(BaseModel):
     timing: Timing
 
 
+class EvaluatedCandidate(BaseModel):
+    runtime: Literal["torch", "openvino"]
+    precision: Literal["fp32", "fp16", "bf16", "int8"]
+    img_s: float = Field(description="Images per second at the largest batch, model only, timed at load.")
+    top1_agreement: float | None = Field(description="Share of held-out images whose top-1 is PyTorch fp32's.")
+    max_abs_dp: float | None = Field(description="Largest difference of any score from PyTorch fp32's.")
+    accuracy: float | None = Field(description="Top-1 accuracy on the held-out images (labeled folders).")
+    passed: bool | None = Field(description="Whether it passes the gate; null without evaluation images.")
+
+
+class Evaluation(BaseModel):
+    folder: str | None = Field(description="API_EVAL_DIR, or null: speeds only, exact fp32 served under auto.")
+    images: int
+    labeled: bool
+    calibration_images: int = Field(description="The part that calibrates INT8 (never judges it).")
+    held_out_images: int = Field(description="The part every candidate is judged on.")
+    digest: str | None = None
+    min_agreement: float = Field(description="API_MIN_AGREEMENT: the gate's least top-1 agreement.")
+    min_held_out: int = Field(description="The gate's least number of held-out images.")
+    candidates: list[EvaluatedCandidate]
+    chosen: dict[str, str] = Field(description="The candidate that serves: runtime and precision.")
+    reason: str
+
+
 class ModelInfo(BaseModel):
     architecture: str
     num_classes: int
@@ -84,9 +108,15 @@ class ModelInfo(BaseModel):
     device_reason: str
     runtime: Literal["torch", "openvino"] = Field(description="What runs the forward pass (API_RUNTIME).")
     runtime_reason: str = Field(description="Why this runtime: the setting, or what API_RUNTIME=auto measured.")
-    precision: Literal["fp32", "fp16", "bf16"] = Field(description="What the forward pass computes in.")
+    precision: Literal["fp32", "fp16", "bf16", "int8"] = Field(
+        description="What the forward pass computes in (read from the compiled model on OpenVINO)."
+    )
     precision_reason: str
-    dtype: str = Field(description="The precision as a dtype name (float32, bfloat16, float16).")
+    dtype: str = Field(description="The precision as a dtype name (float32, bfloat16, float16, int8).")
+    evaluation: Evaluation | None = Field(
+        description="On a CPU: every runtime and precision measured at load, judged on API_EVAL_DIR, and the choice; "
+        "null where nothing was measured (a GPU, or one candidate and no evaluation folder)."
+    )
     runtime_details: dict[str, object] = Field(description="Runtime specifics: threads, CUDA graphs, padding.")
     checkpoint_path: str
     checkpoint_format: str

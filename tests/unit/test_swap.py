@@ -26,7 +26,16 @@ from api.remote.host.rules import (
     vet_checkpoint,
 )
 
-SERVED = Served("resnet50", ("abyssinian", "bengal", "birman"), "cpu", "a" * 64, multi_label=False, threshold=0.5)
+SERVED = Served(
+    "resnet50",
+    ("abyssinian", "bengal", "birman"),
+    "cpu",
+    "a" * 64,
+    multi_label=False,
+    threshold=0.5,
+    runtime="torch",
+    precision="fp32",
+)
 
 
 @pytest.fixture
@@ -130,15 +139,51 @@ def test_checkpoint_size_counts_a_folders_files(tmp_path: Path) -> None:
 
 
 def test_the_new_model_must_keep_the_label_set() -> None:
-    same = Served("convnext_base", SERVED.class_names, "cpu", "b" * 64, multi_label=False, threshold=0.5)
+    same = Served(
+        "convnext_base",
+        SERVED.class_names,
+        "cpu",
+        "b" * 64,
+        multi_label=False,
+        threshold=0.5,
+        runtime="torch",
+        precision="fp32",
+    )
     assert incompatibility(SERVED, same, input_bytes=10, slot_bytes=10) is None  # another architecture is fine
-    fewer = Served("resnet50", ("abyssinian", "bengal"), "cpu", "b" * 64, multi_label=False, threshold=0.5)
+    fewer = Served(
+        "resnet50",
+        ("abyssinian", "bengal"),
+        "cpu",
+        "b" * 64,
+        multi_label=False,
+        threshold=0.5,
+        runtime="torch",
+        precision="fp32",
+    )
     assert "2 classes instead of 3" in str(incompatibility(SERVED, fewer, input_bytes=10, slot_bytes=10))
-    renamed = Served("resnet50", ("abyssinian", "bengal", "bombay"), "cpu", "b" * 64, multi_label=False, threshold=0.5)
+    renamed = Served(
+        "resnet50",
+        ("abyssinian", "bengal", "bombay"),
+        "cpu",
+        "b" * 64,
+        multi_label=False,
+        threshold=0.5,
+        runtime="torch",
+        precision="fp32",
+    )
     assert "label 2 is 'bombay' instead of 'birman'" in str(
         incompatibility(SERVED, renamed, input_bytes=10, slot_bytes=10)
     )
-    multi = Served("resnet50", SERVED.class_names, "cpu", "b" * 64, multi_label=True, threshold=0.5)
+    multi = Served(
+        "resnet50",
+        SERVED.class_names,
+        "cpu",
+        "b" * 64,
+        multi_label=True,
+        threshold=0.5,
+        runtime="torch",
+        precision="fp32",
+    )
     assert "API_MULTI_LABEL" in str(incompatibility(SERVED, multi, input_bytes=10, slot_bytes=10))
     assert "larger than" in str(incompatibility(SERVED, same, input_bytes=11, slot_bytes=10))
 

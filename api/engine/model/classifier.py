@@ -78,6 +78,8 @@ class Classifier:
             self.checkpoint.sha256,
             multi_label=self.multi_label,
             threshold=self.threshold,
+            runtime=self.runtime.name,
+            precision=self.runtime.precision,
         )
 
     def describe(self) -> dict[str, Any]:

@@ -19,6 +19,8 @@ class Served:
     checkpoint_sha256: str
     multi_label: bool
     threshold: float  # API_THRESHOLD: multi-label answers hold every label at or above it
+    runtime: str  # what runs the forward pass, and in which precision (the info metric names both)
+    precision: str
 
     @property
     def num_classes(self) -> int:
@@ -49,6 +51,8 @@ class Served:
             "checkpoint_sha256": self.checkpoint_sha256,
             "multi_label": self.multi_label,
             "threshold": self.threshold,
+            "runtime": self.runtime,
+            "precision": self.precision,
         }
 
     @classmethod

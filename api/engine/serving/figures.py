@@ -46,8 +46,9 @@ class EngineFigures:
 
         self.model = Gauge(
             f"{PREFIX}_model_info",
-            "The model serving predictions: 1 for its version (the checkpoint's short sha256) and architecture.",
-            ["version", "architecture", "checkpoint_sha256"],
+            "The model serving predictions: 1 for its version (the checkpoint's short sha256), architecture, "
+            "runtime and the precision it computes in.",
+            ["version", "architecture", "checkpoint_sha256", "runtime", "precision"],
             registry=registry,
             multiprocess_mode="livemax",
         )
@@ -55,7 +56,9 @@ class EngineFigures:
     def on_model(self, served: Served) -> None:
         """A model started serving (at start, and after each swap): the info metric names it alone."""
         self.model.clear()
-        self.model.labels(served.version, served.architecture, served.checkpoint_sha256).set(1)
+        self.model.labels(
+            served.version, served.architecture, served.checkpoint_sha256, served.runtime, served.precision
+        ).set(1)
 
     def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:
         self.batch_size.observe(size)

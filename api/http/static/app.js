@@ -54,10 +54,51 @@ async function loadModelInfo() {
     const model = await response.json();
     info.classList.remove("bad");
     info.textContent = `Model ${model.architecture} · ${model.num_classes} classes · running on ${model.device}`;
+    renderEvaluation(model);
   } catch (error) {
     info.classList.add("bad");
     info.textContent = PLAIN_WORDS.network;
   }
+}
+
+function renderEvaluation(model) {
+  // the candidates measured at load (GET /api/v1/model's evaluation), the served one marked
+  const evaluation = model.evaluation;
+  const panel = $("#evaluation");
+  if (!evaluation) {
+    panel.hidden = true;
+    return;
+  }
+  $("#evaluation-chosen").textContent = `${model.runtime} ${model.precision}`;
+  $("#evaluation-reason").textContent = evaluation.reason;
+  $("#evaluation-caption").textContent = evaluation.images
+    ? `Measured at load on ${evaluation.held_out_images} held-out images of ${evaluation.folder}` +
+      ` (${evaluation.calibration_images} more calibrate INT8); the gate: ` +
+      `${formatPercent(evaluation.min_agreement)} the same answer as PyTorch fp32.`
+    : "Speeds measured at load; no evaluation images (API_EVAL_DIR), so answers were not compared.";
+  const body = $("#evaluation-table tbody");
+  body.replaceChildren();
+  const none = "–";
+  for (const c of [...evaluation.candidates].sort((a, b) => b.img_s - a.img_s)) {
+    const row = document.createElement("tr");
+    const chosen = c.runtime === evaluation.chosen.runtime && c.precision === evaluation.chosen.precision;
+    if (chosen) row.classList.add("chosen");
+    const gate = c.passed === null ? none : c.passed ? "passed" : "refused";
+    const cells = [
+      c.runtime, c.precision, c.img_s.toFixed(0),
+      c.top1_agreement === null ? none : formatPercent(c.top1_agreement),
+      c.max_abs_dp === null ? none : c.max_abs_dp.toFixed(3),
+      c.accuracy === null ? none : formatPercent(c.accuracy),
+      chosen ? `${gate} · serving` : gate,
+    ];
+    for (const text of cells) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  }
+  panel.hidden = false;
 }
 
 function formatPercent(score) {
