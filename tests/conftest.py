@@ -11,7 +11,7 @@ import skimage.data
 import torch
 from PIL import Image
 
-from api.ops.demo import write_demo_model
+from api.ops.demo import write_demo_eval, write_demo_model
 from tests.helpers import jpeg_bytes, make_settings, running_server, tiny_model
 
 TIERS = ("unit", "integration", "api", "e2e", "reliability", "browser", "deploy", "container", "gpu")
@@ -64,6 +64,12 @@ def coffee_jpeg() -> bytes:
 def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The embedded demo model (real ImageNet weights), written as users' `make run` writes it."""
     return write_demo_model(tmp_path_factory.mktemp("demo") / "demo")
+
+
+@pytest.fixture(scope="session")
+def demo_eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo's evaluation folder as `make run` writes it: 360 crops of scikit-image's photos, unlabeled."""
+    return write_demo_eval(tmp_path_factory.mktemp("demo-eval") / "eval")
 
 
 @pytest.fixture(scope="session")

@@ -61,11 +61,19 @@ def test_each_runtime_ranks_real_photos_as_pytorch_fp32(
     assert difference <= tolerance
 
 
-def test_auto_precision_is_bf16_only_where_the_cpu_has_it(demo_dir: Path) -> None:
+def test_auto_precision_without_images_is_exact_and_says_what_bf16_and_int8_measured(demo_dir: Path) -> None:
     classifier = load_model(demo_dir, runtime="openvino", precision="auto")
-    assert classifier.describe()["precision"] == ("bf16" if OPENVINO_BF16 else "fp32")
+    described = classifier.describe()
+    assert described["precision"] == "fp32" and classifier.runtime.precision == "fp32"
+    measured = {(c["runtime"], c["precision"]) for c in described["evaluation"]["candidates"]}
+    assert measured == {("openvino", "fp32"), ("openvino", "int8")} | (
+        {("openvino", "bf16")} if OPENVINO_BF16 else set()
+    )
+    assert all(c["passed"] is None and c["top1_agreement"] is None for c in described["evaluation"]["candidates"])
+    assert "API_EVAL_DIR" in described["precision_reason"]
     multi = load_model(demo_dir, runtime="openvino", precision="auto", multi_label=True)
     assert multi.describe()["precision"] == "fp32"  # a threshold turns a few percent into another answer
+    assert multi.describe()["evaluation"] is None  # one candidate, no images: nothing to measure
 
 
 @pytest.mark.parametrize("architecture", ["resnet50", "efficientnet_b3", "convnext_base"])
@@ -98,15 +106,17 @@ def test_a_second_start_reads_the_cache_and_a_corrupt_entry_is_rebuilt(
     cache = tmp_path / "cache"
     caplog.set_level(logging.INFO, logger="api.engine")
     first, cold = _cached_load(demo_dir, cache)
-    assert "converted the model to OpenVINO" in caplog.text and "timed now" in first.runtime_reason
+    assert "converted the model to OpenVINO" in caplog.text and "candidates measured" in caplog.text
     caplog.clear()
     second, warm = _cached_load(demo_dir, cache)
     assert "OpenVINO model read from the cache" in caplog.text and "converted" not in caplog.text
-    assert "cached" in second.runtime_reason and second.describe()["runtime"] == first.describe()["runtime"]
+    assert "measured choice read from the cache" in caplog.text and "candidates measured" not in caplog.text
+    assert second.describe()["runtime"] == first.describe()["runtime"]
+    assert second.describe()["evaluation"] == first.describe()["evaluation"]
     print(f"load: {cold:.1f}s converting and timing, {warm:.1f}s from the cache")
     assert warm < cold  # neither converted nor timed again
 
-    (weights,) = cache.glob("openvino-*/model.bin")
+    (weights,) = [p for p in cache.glob("openvino-*/model.bin") if "int8" not in p.parent.name]  # the converted one
     data = bytearray(weights.read_bytes())
     data[len(data) // 2 : len(data) // 2 + 64] = bytes(64)  # flipped weights: loads fine, answers wrong
     weights.write_bytes(bytes(data))

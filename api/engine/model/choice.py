@@ -117,13 +117,14 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
             )
         why = f"API_RUNTIME={asked}" if asked == "torch" else f"API_RUNTIME=auto: PyTorch on {device.type}"
         return Choice(plan.torch_runtime(), why, _gpu_precision_reason(precision))
-    specs = _specs(plan, _runtimes(plan))
+    runtimes, obstacle = _runtimes(plan)
+    specs = _specs(plan, runtimes)
     folder = plan.settings.eval_dir
     images = evalset.scan(folder) if folder is not None else None
     if len(specs) == 1 and images is None:  # nothing to choose, nothing to judge
         runtime, prec = specs[0]
         built = _build(plan, specs[0], ModelCache(plan.settings.cache_dir), images)
-        return Choice(built, f"API_RUNTIME={asked}: {runtime}", f"API_PRECISION={precision}: {prec}")
+        return Choice(built, f"API_RUNTIME={asked}: {runtime}{obstacle}", f"API_PRECISION={precision}: {prec}")
     cache = ModelCache(plan.settings.cache_dir)
     key = _evaluation_key(plan, specs, images)
     entry = cache.get(key)
@@ -140,7 +141,9 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
         del runtimes  # the others' memory goes now
     logger.info("runtime: %s", evaluation.summary())
     served = evaluation.served
-    runtime_reason = f"API_RUNTIME={asked}: {served.runtime} {served.precision} at {served.img_s:.0f} img/s, measured"
+    runtime_reason = (
+        f"API_RUNTIME={asked}: {served.runtime} {served.precision} at {served.img_s:.0f} img/s, measured{obstacle}"
+    )
     return Choice(chosen, runtime_reason, evaluation.reason, evaluation)
 
 
@@ -150,20 +153,18 @@ def _gpu_precision_reason(precision: str) -> str:
     return f"API_PRECISION={precision}"
 
 
-def _runtimes(plan: Plan) -> tuple[str, ...]:
-    """The runtimes that may serve on this CPU."""
+def _runtimes(plan: Plan) -> tuple[tuple[str, ...], str]:
+    """The runtimes that may serve on this CPU, and why OpenVINO is not one of them, if it is not."""
     asked = plan.settings.runtime
     if asked == "torch":
-        return ("torch",)
+        return ("torch",), ""
     obstacle = _openvino_obstacle(plan)
     if obstacle is None:
-        return ("openvino",) if asked == "openvino" else ("openvino", "torch")
+        return (("openvino",) if asked == "openvino" else ("openvino", "torch")), ""
     if asked == "openvino" or plan.settings.precision == "int8":
-        raise ConfigError(
-            f"API_RUNTIME={asked}, API_PRECISION={plan.settings.precision}: {obstacle}; set API_RUNTIME=torch"
-        )
+        raise ConfigError(f"API_RUNTIME={asked}: {obstacle}; set API_RUNTIME=torch or auto, and API_PRECISION=auto")
     logger.info("runtime: PyTorch, since %s", obstacle)
-    return ("torch",)
+    return ("torch",), f" (PyTorch, since {obstacle})"
 
 
 def _specs(plan: Plan, runtimes: tuple[str, ...]) -> list[Spec]:
