@@ -11,7 +11,7 @@ CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 DEMO_EVAL_DIR := models/demo-eval
 
-.PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap bench-precision demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -94,6 +94,11 @@ bench-protocol: $(STAMP)
 	$(BIN)/python -m bench.floors
 
 # A resnet50 swapped under load (Gunicorn, 2 front-ends): answers, versions, latency before/during/after.
+# Every runtime x precision measured as API_PRECISION=auto measures it (four models), and the resnet50
+# service at INT8 against bf16 in one run: artifacts/bench/precision.json.
+bench-precision: $(STAMP)
+	$(BIN)/python -m bench.precision
+
 bench-swap: $(STAMP)
 	$(BIN)/python -m bench.swap
 

@@ -135,10 +135,10 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     elif not measure and cache.root is not None:
         raise MeasurementNeeded(f"{len(specs)} candidates to measure")
     else:
-        evaluation, runtimes = _measure(plan, specs, images, cache)
+        evaluation, measured = _measure(plan, specs, images, cache)
         cache.put(key, lambda folder: None, extra={"evaluation": evaluation.to_dict()})
-        chosen = runtimes.pop(evaluation.chosen)
-        del runtimes  # the others' memory goes now
+        chosen = measured.pop(evaluation.chosen)
+        del measured  # the others' memory goes now
     logger.info("runtime: %s", evaluation.summary())
     served = evaluation.served
     runtime_reason = (

@@ -3,10 +3,13 @@
 A swap's first step (api/remote/host/swapper.py, run by api/remote/host/aside.py). Whatever the file
 does to the loader (a huge or endless read, a decompression bomb, a hang) happens here, where the
 engine can kill it at a deadline or a memory ceiling, never in the engine. On a CPU it is also where
-the model is converted to OpenVINO (seconds of work that holds Python's lock in long stretches; in
-the engine process it would stall the served model's answers): the engine's own load then reads
-the converted model from the model cache. The ModelSettings arrive pickled on stdin; a failed load
-prints why as its last line and exits EXIT_LOAD_FAILED.
+the model is converted to OpenVINO and every candidate runtime and precision measured (INT8
+quantized, API_EVAL_DIR's images judged: seconds to a minute of work that holds Python's lock in long
+stretches; in the engine process it would stall the served model's answers): the engine's own load
+then reads the converted model and the choice from the model cache. The engine's first load comes
+here too when the cache has no measurement for its model (api/remote/host/host.py). The
+ModelSettings arrive pickled on stdin; a failed load prints why as its last line and exits
+EXIT_LOAD_FAILED.
 
 `prepare_beside` is the engine's half: the room check (from the file's size, before a byte is
 read), then this process under the swap's deadline and a memory ceiling.
@@ -59,7 +62,9 @@ def prepare_beside(
         if not needed.fits:
             raise ModelLoadError(needed.refusal())
     checked = (
-        dataclasses.replace(model, device="cpu", runtime="torch", precision="fp32", compile=False, cuda_graphs=False)
+        dataclasses.replace(
+            model, device="cpu", runtime="torch", precision="fp32", eval_dir=None, compile=False, cuda_graphs=False
+        )
         if gpu
         else model
     )

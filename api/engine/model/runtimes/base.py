@@ -1,4 +1,5 @@
-"""What runs the forward pass: the `Runtime` protocol, and how one is chosen (API_RUNTIME, API_PRECISION).
+"""What runs the forward pass: the `Runtime` protocol, and the CPU facts its choice reads
+(api/engine/model/choice.py chooses).
 
 A runtime is built complete by the loader and never changed afterwards. It takes a batch of the
 decode pool's output (N x H x W x 3 uint8, already resized and cropped) and answers float32 scores
@@ -28,7 +29,7 @@ class Runtime(Protocol):
 
     @property
     def precision(self) -> str:
-        """ "fp32", "fp16" or "bf16": what the forward pass computes in."""
+        """ "fp32", "fp16", "bf16" or "int8": what the forward pass computes in."""
         ...
 
     @property
@@ -81,25 +82,6 @@ def cpu_model_name(cpuinfo: Path = CPUINFO) -> str:
     except OSError:
         pass
     return "unknown cpu"
-
-
-@dataclass(frozen=True)
-class Precision:
-    value: str  # fp32, fp16 or bf16
-    reason: str  # why, in words, for the ready line
-
-
-def resolve_precision(setting: str, device: torch.device, *, multi_label: bool, has_bf16: bool) -> Precision:
-    """API_PRECISION -> what the forward pass computes in, and why."""
-    if setting != "auto":
-        return Precision(setting, f"API_PRECISION={setting}")
-    if device.type != "cpu":
-        return Precision("fp32", "API_PRECISION=auto: fp32 on GPUs (set fp16 or bf16 for autocast)")
-    if multi_label:
-        return Precision("fp32", "API_PRECISION=auto: fp32 for a multi-label model (thresholds are exact)")
-    if has_bf16:
-        return Precision("bf16", "API_PRECISION=auto: bf16, the CPU has AMX/AVX512-BF16")
-    return Precision("fp32", "API_PRECISION=auto: fp32, the CPU has no bf16 hardware (AMX/AVX512-BF16)")
 
 
 def pad_rows(pixels: np.ndarray, sizes: tuple[int, ...]) -> np.ndarray:

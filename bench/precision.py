@@ -1,0 +1,137 @@
+"""Precision by measurement, in numbers: `python -m bench.precision` (make bench-precision).
+
+1. Model only: every candidate the service measures at load (PyTorch and OpenVINO at fp32, bf16 where
+   the CPU has it, OpenVINO INT8 calibrated by NNCF) for resnet50 (67 classes), the demo
+   (efficientnet-lite0, real ImageNet weights), efficientnet_b3 and convnext_base, each timed at batch 8
+   as `API_PRECISION=auto` times them, and judged on the demo's held-out evaluation crops: top-1
+   agreement with PyTorch fp32 and the largest score difference (random weights for all but the demo:
+   their agreement says little; the demo's is the real one). The same tables as docs/performance.md.
+2. The service: resnet50 (random weights) served by `cat-breeds-api serve` with `API_PRECISION=int8`
+   and with `API_PRECISION=bf16` (or fp32 on a CPU without bf16), both with the evaluation folder,
+   16 connections posting a 451x300 JPEG, alternated int8, other, other, int8 (the machine drifts); the
+   ratio of the medians, and the INT8 service's PSS.
+
+Results: printed, and artifacts/bench/precision.json with the stamp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from api.config import Settings
+from api.engine.model.loader import load_classifier
+from api.engine.model.runtimes.base import cpu_has_bf16
+from api.ops.demo import write_demo_eval, write_demo_model
+from bench import stamp
+from bench.run import images, write_checkpoint
+from bench.service import Server, load
+
+ROOT = Path(__file__).resolve().parents[1]
+ARCHITECTURES = {"resnet50": 67, "efficientnet_b3": 67, "convnext_base": 67}
+ORDER = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
+
+
+def measure(checkpoint: Path, eval_dir: Path, cache: Path, threads: int) -> dict[str, Any]:
+    group = Settings(_env_file=None, checkpoint_path=checkpoint).model_group  # type: ignore[call-arg]
+    settings = dataclasses.replace(group, device="cpu", eval_dir=eval_dir, cache_dir=cache)
+    classifier = load_classifier(settings, threads=threads)
+    evaluation = classifier.describe()["evaluation"]
+    del classifier
+    return evaluation
+
+
+def model_tables(results: dict[str, dict[str, Any]]) -> str:
+    header = "| model | " + " | ".join(f"{r} {p}" for r, p in ORDER) + " | served under auto |"
+    lines = [header, "| --- " * (len(ORDER) + 2) + "|"]
+    for name, evaluation in results.items():
+        by = {(c["runtime"], c["precision"]): c for c in evaluation["candidates"]}
+        cells = [f"{by[s]['img_s']:.0f}" if s in by else "–" for s in ORDER]
+        chosen = evaluation["chosen"]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {chosen['runtime']} {chosen['precision']} |")
+    lines += ["", "| model | candidate | top-1 agreement with PyTorch fp32 | max abs. score difference | gate |"]
+    lines.append("| --- | --- | --- | --- | --- |")
+    for name, evaluation in results.items():
+        for c in sorted(evaluation["candidates"], key=lambda c: ORDER.index((c["runtime"], c["precision"]))):
+            verdict = "passed" if c["passed"] else "refused"
+            lines.append(
+                f"| {name} | {c['runtime']} {c['precision']} | {c['top1_agreement']:.1%} | {c['max_abs_dp']:.3f} "
+                f"| {verdict} |"
+            )
+    return "\n".join(lines)
+
+
+def service_ratio(checkpoint: Path, eval_dir: Path, cache: Path, requests: int, other: str) -> dict[str, Any]:
+    args = argparse.Namespace(
+        model="resnet50", num_classes=67, image_size=224, device="cpu", max_queue=64, runtime="auto",
+        cache_dir=cache, max_batch_size=8, precision="auto", requests=requests,
+    )  # fmt: skip
+    photo = images()["chelsea_451x300"]
+    rates: dict[str, list[float]] = {"int8": [], other: []}
+    pss: list[float] = []
+    for precision in ("int8", other, other, "int8"):
+        server = Server(checkpoint, args, API_PRECISION=precision, API_EVAL_DIR=str(eval_dir))
+        try:
+            asyncio.run(load(server.url, photo, 4, 16))  # warm
+            row = asyncio.run(load(server.url, photo, 16, requests))
+            assert row["statuses"] == {"200": requests}, row["statuses"]
+            rates[precision].append(row["images_per_s"])
+            if precision == "int8":
+                pss.append(server.pss_mb())
+            print(f"  service {precision}: {row['images_per_s']:.1f} img/s (p50 {row['p50_ms']:.0f} ms)", flush=True)
+        finally:
+            server.stop()
+    int8, base = statistics.median(rates["int8"]), statistics.median(rates[other])
+    return {"int8_img_s": int8, f"{other}_img_s": base, "ratio": int8 / base, "int8_pss_mb": max(pss), "rates": rates}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="resnet50,demo,efficientnet_b3,convnext_base")
+    parser.add_argument("--requests", type=int, default=600, help="requests per service run")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--skip-service", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    stamped = stamp.stamp()
+    print(stamp.line(stamped), flush=True)
+    out: dict[str, Any] = {"stamp": stamped, "models": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(scratch)
+        eval_dir = write_demo_eval(folder / "eval")
+        cache = folder / "cache"
+        checkpoints = {"demo": write_demo_model(folder / "demo")}
+        for name, classes in ARCHITECTURES.items():
+            (folder / name).mkdir()
+            checkpoints[name] = write_checkpoint(folder / name, name, classes)
+        for name in args.models.split(","):
+            print(f"measuring {name} ...", flush=True)
+            out["models"][name] = measure(checkpoints[name], eval_dir, cache, args.threads)
+        tables = model_tables(out["models"])
+        print(tables, flush=True)
+        if not args.skip_service:
+            other = "bf16" if cpu_has_bf16() else "fp32"
+            print(f"service: resnet50, API_PRECISION=int8 vs {other}, 16 connections", flush=True)
+            service = service_ratio(checkpoints["resnet50"], eval_dir, cache, args.requests, other)
+            out["service"] = service
+            print(
+                f"service: int8 {service['int8_img_s']:.1f} img/s, {other} {service[f'{other}_img_s']:.1f} img/s: "
+                f"{service['ratio']:.2f}x (target >= 1.5x); INT8 service PSS {service['int8_pss_mb']:.0f} MB "
+                "(target <= 1000)"
+            )
+    target = ROOT / "artifacts" / "bench" / "precision.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(json.dumps(out, indent=1, default=str))
+    print(f"written: {target.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
