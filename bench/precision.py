@@ -40,8 +40,8 @@ ARCHITECTURES = {"resnet50": 67, "efficientnet_b3": 67, "convnext_base": 67}
 ORDER = [("torch", "fp32"), ("torch", "bf16"), ("openvino", "fp32"), ("openvino", "bf16"), ("openvino", "int8")]
 
 
-def measure(checkpoint: Path, eval_dir: Path, cache: Path, threads: int) -> dict[str, Any]:
-    group = Settings(_env_file=None, checkpoint_path=checkpoint).model_group  # type: ignore[call-arg]
+def measure(checkpoint: Path, name: str | None, eval_dir: Path, cache: Path, threads: int) -> dict[str, Any]:
+    group = Settings(_env_file=None, checkpoint_path=checkpoint, model_name=name).model_group  # type: ignore[call-arg]
     settings = dataclasses.replace(group, device="cpu", eval_dir=eval_dir, cache_dir=cache)
     classifier = load_classifier(settings, threads=threads)
     evaluation = classifier.describe()["evaluation"]
@@ -114,7 +114,8 @@ def main() -> None:
             checkpoints[name] = write_checkpoint(folder / name, name, classes)
         for name in args.models.split(","):
             print(f"measuring {name} ...", flush=True)
-            out["models"][name] = measure(checkpoints[name], eval_dir, cache, args.threads)
+            architecture = None if name == "demo" else name
+            out["models"][name] = measure(checkpoints[name], architecture, eval_dir, cache, args.threads)
         tables = model_tables(out["models"])
         print(tables, flush=True)
         if not args.skip_service:

@@ -171,3 +171,26 @@ def test_api_key_is_asked_once_and_kept_for_the_tab(page: Page, tiny_checkpoint:
         expect(page.locator(".card .labels li")).to_have_count(5)
         assert page.evaluate("sessionStorage.getItem('cat-breeds-api-key')") == "tab-only-key"
         assert page.evaluate("localStorage.length") == 0  # never beyond this tab
+
+
+def test_the_page_shows_what_was_measured_and_what_serves(page: Page, demo_dir: Path, demo_eval_dir: Path) -> None:
+    """The model's evaluation table: every candidate measured on the demo's evaluation crops, the one
+    that serves marked, the gate's verdicts in words."""
+    # the first start measures every candidate on the crops (in its prepare process): a minute at most
+    with running_server(make_settings(checkpoint_path=demo_dir, eval_dir=demo_eval_dir), timeout_s=300) as url:
+        _open(page, url)
+        panel = page.locator("#evaluation")
+        expect(panel).to_be_visible()
+        panel.locator("summary").click()
+        rows = page.locator("#evaluation-table tbody tr")
+        expect(rows.first).to_be_visible()
+        model = page.evaluate("fetch('api/v1/model').then(r => r.json())")
+        candidates = model["evaluation"]["candidates"]
+        expect(rows).to_have_count(len(candidates))
+        expect(page.locator("#evaluation-caption")).to_contain_text("216 held-out images")
+        chosen = page.locator("#evaluation-table tr.chosen")
+        expect(chosen).to_have_count(1)
+        expect(chosen).to_contain_text(f"{model['runtime']}")
+        expect(chosen).to_contain_text("passed · serving")
+        expect(page.locator("#evaluation-chosen")).to_have_text(f"{model['runtime']} {model['precision']}")
+        page.screenshot(path=str(SHOTS / "evaluation.png"), full_page=True)

@@ -96,7 +96,7 @@ def test_architectures_agree_on_top1_under_openvino(architecture: str, tmp_path:
 
 def _cached_load(demo_dir: Path, cache: Path) -> tuple[Classifier, float]:
     started = time.perf_counter()
-    classifier = load_model(demo_dir, runtime="auto", precision="auto", cache_dir=cache)
+    classifier = load_model(demo_dir, runtime="openvino", precision="auto", cache_dir=cache)  # exact: OpenVINO f32
     return classifier, time.perf_counter() - started
 
 

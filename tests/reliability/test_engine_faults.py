@@ -179,6 +179,7 @@ def test_a_load_past_its_deadline_is_abandoned(tiny_checkpoint: Path, tmp_path: 
         "API_CHECKPOINT_PATH": folder / "best_model.pt",
         "API_MODEL_NAME": "test_resnet",
         "API_RUNTIME": "torch",
+        "API_PRECISION": "fp32",  # one candidate: nothing measured, the first load fits the deadline too
         "API_ADMIN_KEY": ADMIN["X-API-Key"],
         "API_MODEL_LOAD_TIMEOUT_S": 1,
     }

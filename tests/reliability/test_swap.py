@@ -298,13 +298,14 @@ def test_the_cli_swaps_back_and_reports(server: ServerProcess, models: dict[str,
 def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
     models: dict[str, Path], tmp_path: Path, chelsea_jpeg: bytes
 ) -> None:
-    """OpenVINO conversion holds Python's lock in long stretches: a swap does it in a separate process
-    (api/remote/host/prepare.py), and the engine reads the converted model from the cache."""
+    """OpenVINO conversion and measuring the candidates (INT8 quantized, every precision timed) hold
+    Python's lock in long stretches: a swap does both in a separate process (api/remote/host/prepare.py),
+    and the engine reads the converted model and the measured choice from the cache."""
     env = {
         "API_CHECKPOINT_PATH": models["old"],
         "API_ADMIN_KEY": ADMIN["X-API-Key"],
         "API_RUNTIME": "openvino",
-        "API_PRECISION": "fp32",
+        "API_PRECISION": "auto",
     }
     with served_process([CLI, "serve"], tmp_path, **env) as server:
         answer = _load(server.url, models["new"])
@@ -313,8 +314,12 @@ def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
         after = log[log.index(f"loading {models['new']} beside") :]
         assert "new model prepared in a process of its own" in after
         assert "OpenVINO model read from the cache" in after and "converted the model to OpenVINO" not in after
+        assert "measured choice read from the cache" in after and "candidates measured" not in after
         predicted = httpx.post(server.url + "/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
         assert predicted.json()["model"]["version"] == answer.json()["version"]
+        evaluation = httpx.get(server.url + "/api/v1/model").json()["evaluation"]
+        assert {c["precision"] for c in evaluation["candidates"]} >= {"fp32", "int8"}  # the new model's, measured
+        assert evaluation["chosen"] == {"runtime": "openvino", "precision": "fp32"}  # no images: exact
 
 
 def _ready_workers(server: ServerProcess) -> set[int]:
