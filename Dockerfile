@@ -61,6 +61,6 @@ COPY api/ /app/api/
 USER ${APP_UID}:${APP_GID}
 EXPOSE 8000
 # Classic builder: no --start-interval here; docker-compose.yml adds start_interval for newer engines.
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python3", "-m", "api.healthcheck"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=300s --retries=3 CMD ["python3", "-m", "api.healthcheck"]
 # Exec form: the server is PID 1's only child (compose `init: true`) and gets SIGTERM to drain.
 CMD ["python3", "-m", "api.cli", "serve"]
