@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from api.engine.model.choice import MeasurementNeeded
 from api.engine.model.classifier import Classifier
 from api.engine.model.evalset import MIN_HELD_OUT, scan
+from api.engine.model.loader import load_classifier
 from api.engine.model.runtimes.openvino_runtime import OpenVINORuntime, executed_precision
 from api.ops.demo import crops
-from tests.helpers import load_model
+from tests.helpers import load_model, model_settings
 
 
 def _evaluation(classifier: Classifier) -> dict:
@@ -85,8 +87,24 @@ def test_the_gate_refuses_int8_from_a_damaged_calibration(demo_dir: Path, demo_e
     """INT8 calibrated on the folder's calibration part passes a gate its agreement meets; calibrated on
     black images (the same folder, its calibration part blacked out) it is refused by the same gate."""
     lenient = 0.75  # a user's API_MIN_AGREEMENT; properly calibrated INT8 agrees on about 84 % here
-    proper = load_model(demo_dir, runtime="openvino", precision="auto", eval_dir=demo_eval_dir, min_agreement=lenient)
+    settings = model_settings(
+        demo_dir,
+        device="cpu",
+        runtime="openvino",
+        precision="auto",
+        eval_dir=demo_eval_dir,
+        min_agreement=lenient,
+        cache_dir=tmp_path,
+    )
+    proper = load_classifier(settings)
     good = _candidate(_evaluation(proper), "int8")
+    # its INT8 model gone from the cache: the engine process is told to have it measured again, and that
+    # measures (quantizes) again rather than fail
+    for entry in tmp_path.glob("openvino-int8-*"):
+        shutil.rmtree(entry)
+    with pytest.raises(MeasurementNeeded):
+        load_classifier(settings, measure=False)
+    assert load_classifier(settings).runtime.precision == "int8" and any(tmp_path.glob("openvino-int8-*"))
     damaged_dir = tmp_path / "damaged"
     shutil.copytree(demo_eval_dir, damaged_dir)
     folder = scan(damaged_dir)

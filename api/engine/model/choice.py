@@ -128,13 +128,18 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     cache = ModelCache(plan.settings.cache_dir)
     key = _evaluation_key(plan, specs, images)
     entry = cache.get(key)
+    chosen: Runtime | None = None
     if entry is not None:
         evaluation = Evaluation.from_dict(entry.manifest["evaluation"])
         logger.info("runtime: the measured choice read from the cache (%s)", entry.folder)
-        chosen = _build(plan, evaluation.chosen, cache, images)
+        try:
+            chosen = _build(plan, evaluation.chosen, cache, images)
+        except MeasurementNeeded:  # its INT8 model is gone from the cache (removed, or corrupt): measure again
+            if not measure:
+                raise
     elif not measure and cache.root is not None:
         raise MeasurementNeeded(f"{len(specs)} candidates to measure")
-    else:
+    if chosen is None:
         evaluation, measured = _measure(plan, specs, images, cache)
         cache.put(key, lambda folder: None, extra={"evaluation": evaluation.to_dict()})
         chosen = measured.pop(evaluation.chosen)
