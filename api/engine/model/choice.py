@@ -121,11 +121,11 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     specs = _specs(plan, runtimes)
     folder = plan.settings.eval_dir
     images = evalset.scan(folder) if folder is not None else None
+    cache = ModelCache(plan.settings.cache_dir)
     if len(specs) == 1 and images is None:  # nothing to choose, nothing to judge
         runtime, prec = specs[0]
-        built = _build(plan, specs[0], ModelCache(plan.settings.cache_dir), images)
+        built = _build(plan, specs[0], cache, images)
         return Choice(built, f"API_RUNTIME={asked}: {runtime}{obstacle}", f"API_PRECISION={precision}: {prec}")
-    cache = ModelCache(plan.settings.cache_dir)
     key = _evaluation_key(plan, specs, images)
     entry = cache.get(key)
     chosen: Runtime | None = None
@@ -227,10 +227,12 @@ def _measure(
     started = time.perf_counter()
     pixels, labels = _eval_pixels(plan, images)
     calibration = images.calibration if images is not None else len(pixels)
+    # read (and checksummed) once for every OpenVINO candidate, not once each
+    converted = _openvino_model(plan, cache) if any(runtime == "openvino" for runtime, _ in specs) else None
     runtimes: dict[Spec, Runtime] = {}
     for spec in specs:
         try:
-            runtimes[spec] = _build(plan, spec, cache, images, pixels[:calibration])
+            runtimes[spec] = _build(plan, spec, cache, images, pixels[:calibration], converted)
         except ConfigError as error:
             if plan.settings.precision != "auto":
                 raise
@@ -293,11 +295,12 @@ def _build(
     cache: ModelCache,
     images: evalset.EvalSet | None,
     calibration: np.ndarray | None = None,
+    converted: Any = None,  # the converted OpenVINO model, when the caller has it already
 ) -> Runtime:
     runtime, precision = spec
     if runtime == "torch":
         return plan.torch_runtime(precision)
-    model = _openvino_model(plan, cache)
+    model = converted if converted is not None else _openvino_model(plan, cache)
     if precision == "int8":
         model = _int8_model(plan, model, cache, images, calibration)
     return openvino_runtime.compile_for_cpu(model, head=plan.head, precision=precision, threads=plan.threads)
