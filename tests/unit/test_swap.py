@@ -3,6 +3,7 @@ both models fit, whether the new one can take over."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from pathlib import Path
@@ -139,51 +140,15 @@ def test_checkpoint_size_counts_a_folders_files(tmp_path: Path) -> None:
 
 
 def test_the_new_model_must_keep_the_label_set() -> None:
-    same = Served(
-        "convnext_base",
-        SERVED.class_names,
-        "cpu",
-        "b" * 64,
-        multi_label=False,
-        threshold=0.5,
-        runtime="torch",
-        precision="fp32",
-    )
+    same = dataclasses.replace(SERVED, architecture="convnext_base", checkpoint_sha256="b" * 64)
     assert incompatibility(SERVED, same, input_bytes=10, slot_bytes=10) is None  # another architecture is fine
-    fewer = Served(
-        "resnet50",
-        ("abyssinian", "bengal"),
-        "cpu",
-        "b" * 64,
-        multi_label=False,
-        threshold=0.5,
-        runtime="torch",
-        precision="fp32",
-    )
+    fewer = dataclasses.replace(SERVED, class_names=("abyssinian", "bengal"), checkpoint_sha256="b" * 64)
     assert "2 classes instead of 3" in str(incompatibility(SERVED, fewer, input_bytes=10, slot_bytes=10))
-    renamed = Served(
-        "resnet50",
-        ("abyssinian", "bengal", "bombay"),
-        "cpu",
-        "b" * 64,
-        multi_label=False,
-        threshold=0.5,
-        runtime="torch",
-        precision="fp32",
-    )
+    renamed = dataclasses.replace(SERVED, class_names=("abyssinian", "bengal", "bombay"), checkpoint_sha256="b" * 64)
     assert "label 2 is 'bombay' instead of 'birman'" in str(
         incompatibility(SERVED, renamed, input_bytes=10, slot_bytes=10)
     )
-    multi = Served(
-        "resnet50",
-        SERVED.class_names,
-        "cpu",
-        "b" * 64,
-        multi_label=True,
-        threshold=0.5,
-        runtime="torch",
-        precision="fp32",
-    )
+    multi = dataclasses.replace(SERVED, checkpoint_sha256="b" * 64, multi_label=True)
     assert "API_MULTI_LABEL" in str(incompatibility(SERVED, multi, input_bytes=10, slot_bytes=10))
     assert "larger than" in str(incompatibility(SERVED, same, input_bytes=11, slot_bytes=10))
 
