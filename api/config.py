@@ -94,6 +94,18 @@ class Settings(BaseSettings):
         description="The gate a cheaper precision must pass under API_PRECISION=auto: its top-1 answers agree "
         "with PyTorch fp32 on at least this share of the held-out evaluation images (and at least 100 of them).",
     )
+    folds: str | None = Field(
+        None,
+        description="With API_CHECKPOINT_PATH naming a folder of folds (fold_0/best_model.pt, ...) or a glob: "
+        "the folds to serve, comma-separated names (fold_0,fold_2); unset: all of them, as one model.",
+    )
+    temperature: float | None = Field(
+        None,
+        gt=0.0,
+        le=100.0,
+        description="Pin the softmax temperature every score is divided by; unset: fitted on a labeled "
+        "API_EVAL_DIR (negative log-likelihood), else 1 (the model's own scores).",
+    )
     cache_dir: Path | None = Field(
         None,
         description="Converted models (OpenVINO) and runtime choices, keyed by checkpoint sha256; "
@@ -184,6 +196,13 @@ class Settings(BaseSettings):
         default_factory=list, description="Comma-separated origins allowed by CORS; none by default."
     )
     top_k: int = Field(5, ge=1, le=1000, description="Labels returned when the request does not say.")
+    min_confidence: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="An answer whose top (calibrated) score is below this is marked uncertain: true (still 200, "
+        "labels given); a request's min_confidence overrides it. 0: never.",
+    )
     max_upload_mb: float = Field(10.0, gt=0, le=1024, description="Largest accepted image, in MiB.")
     max_image_pixels: int = Field(
         50_000_000, ge=1, description="Largest accepted canvas (width x height), checked before decoding."
@@ -258,6 +277,8 @@ class Settings(BaseSettings):
         "cache_dir",
         "model_repository",
         "eval_dir",
+        "folds",
+        "temperature",
         mode="before",
     )
     @classmethod
@@ -356,6 +377,8 @@ class ModelSettings:
     precision: str
     eval_dir: Path | None
     min_agreement: float
+    folds: str | None
+    temperature: float | None
     compile: bool
     cuda_graphs: bool
     max_batch_size: int  # the largest batch the runtime will see (padded sizes, timed choices)
@@ -389,6 +412,7 @@ class HttpSettings:
     web_ui: bool
     cors_origins: tuple[str, ...]  # derived: a tuple
     top_k: int
+    min_confidence: float
     max_upload_bytes: int  # derived from API_MAX_UPLOAD_MB
     max_batch_files: int
     request_timeout_s: float  # a request's deadline, counted from its arrival

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from api.ops.demo import write_demo_eval, write_demo_model
+from tests.digits import Digits, train_folds
 from tests.helpers import jpeg_bytes, make_settings, running_server, tiny_model
 
 TIERS = ("unit", "integration", "api", "e2e", "reliability", "browser", "deploy", "container", "gpu")
@@ -70,6 +71,13 @@ def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def demo_eval_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo's evaluation folder as `make run` writes it: 360 crops of scikit-image's photos, unlabeled."""
     return write_demo_eval(tmp_path_factory.mktemp("demo-eval") / "eval")
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory: pytest.TempPathFactory) -> Digits:
+    """A 3-fold resnet10t trained on scikit-learn's handwritten digits (about 30 s), and 360 held-out
+    digits no fold saw, in class subfolders (tests/digits.py)."""
+    return train_folds(tmp_path_factory.mktemp("digits"))
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,21 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from api.config import Settings
 from api.engine.images.budget import DecodeBudget
+from api.engine.model.served import Served
 from api.remote import entrypoints
+
+# a model as the answers name it, for tests of what carries it (messages, swap rules)
+SERVED = Served(
+    "resnet50",
+    ("abyssinian", "bengal", "birman"),
+    "cpu",
+    "a" * 64,
+    multi_label=False,
+    threshold=0.5,
+    runtime="torch",
+    precision="fp32",
+    folds=1,
+)
 
 # what one upload may cost by default (API_DECODE_BUDGET_MP's default)
 DECODE_BUDGET = DecodeBudget(Settings.model_fields["decode_budget_mp"].default)

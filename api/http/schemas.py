@@ -19,15 +19,26 @@ class ErrorResponse(BaseModel):
 class Label(BaseModel):
     index: int = Field(description="Output index of the classifier.")
     label: str = Field(description="Class name.")
-    score: float = Field(ge=0.0, le=1.0, description="Softmax probability (sigmoid for multi-label).")
+    score: float = Field(
+        ge=0.0,
+        le=1.0,
+        description="Softmax probability (sigmoid for multi-label), calibrated when a temperature is set or fitted; "
+        "for k folds, the mean of theirs.",
+    )
+    spread: float | None = Field(
+        None, description="k folds: the standard deviation of this label's score across the folds; else null."
+    )
 
 
 class ModelIdentity(BaseModel):
     version: str = Field(description="The model version that answered: its checkpoint's short sha256.")
     architecture: str
     num_classes: int
-    checkpoint_sha256: str = Field(description="SHA-256 of the weights file that answered.")
+    checkpoint_sha256: str = Field(
+        description="SHA-256 of the weights file that answered (k folds: of the folds' own digests, in order)."
+    )
     multi_label: bool
+    folds: int = Field(description="How many folds answered as one model (1: a single checkpoint).")
 
 
 class ImageInfo(BaseModel):
@@ -44,6 +55,10 @@ class Timing(BaseModel):
 
 class Prediction(BaseModel):
     predictions: list[Label] = Field(description="Best first: the top-k, or every label above the threshold.")
+    uncertain: bool = Field(
+        description="The top score is below min_confidence (the request's, else API_MIN_CONFIDENCE): "
+        "the model is not sure; the labels are still given."
+    )
     image: ImageInfo
 
 
@@ -96,6 +111,46 @@ class Evaluation(BaseModel):
     reason: str
 
 
+class RecordedScore(BaseModel):
+    key: str = Field(description="The checkpoint's key for it (best_metric, val_acc, ...).")
+    value: float
+
+
+class FoldInfo(BaseModel):
+    name: str = Field(description="The fold's subfolder (fold_0), or its file's stem.")
+    path: str
+    sha256: str
+    architecture: str
+    recorded_score: RecordedScore | None = Field(description="What its checkpoint says it scored in training.")
+
+
+class ReliabilityBin(BaseModel):
+    lower: float
+    upper: float
+    count: int
+    confidence: float = Field(description="Mean top score of the held-out images in this bin.")
+    accuracy: float = Field(description="Share of them whose top label is right.")
+
+
+class CalibrationInfo(BaseModel):
+    temperature: float = Field(description="Every score is softmax(log p / temperature); 1: the model's own.")
+    source: Literal["fitted", "pinned", "none"] = Field(
+        description="fitted on the labeled API_EVAL_DIR's calibration part, pinned (API_TEMPERATURE) or none."
+    )
+    fit_images: int
+    held_out_images: int = Field(description="Labeled held-out images the figures below are measured on.")
+    accuracy: float | None
+    ece_before: float | None = Field(description="Expected calibration error (15 bins), without the temperature.")
+    ece_after: float | None = Field(description="The same, with it.")
+    nll_before: float | None = Field(description="Negative log-likelihood per image, without the temperature.")
+    nll_after: float | None
+    reliability_before: list[ReliabilityBin]
+    reliability_after: list[ReliabilityBin]
+    confusion: list[list[int]] = Field(description="[true label][answered label] counts on the held-out images.")
+    fold_accuracy: list[float] = Field(description="Each fold alone on the held-out images (k folds).")
+    reason: str
+
+
 class ModelInfo(BaseModel):
     architecture: str
     num_classes: int
@@ -117,11 +172,19 @@ class ModelInfo(BaseModel):
         description="On a CPU: every runtime and precision measured at load, judged on API_EVAL_DIR, and the choice; "
         "null where nothing was measured (a GPU, or one candidate and no evaluation folder)."
     )
+    calibration: CalibrationInfo | None = Field(
+        description="The temperature applied to every score, and (labeled API_EVAL_DIR) ECE, NLL, accuracy, "
+        "reliability diagram and confusion matrix on the held-out images."
+    )
+    fold_count: int = Field(description="How many folds answer as one model (1: a single checkpoint).")
+    folds: list[FoldInfo] = Field(description="Each fold served (one entry for a single checkpoint).")
     runtime_details: dict[str, object] = Field(description="Runtime specifics: threads, CUDA graphs, padding.")
     checkpoint_path: str
     checkpoint_format: str
     checkpoint_sha256: str
-    version: str = Field(description="The model version answers name: the checkpoint's short sha256.")
+    version: str = Field(
+        description="The model version answers name: the checkpoint's short sha256 (k folds: a digest over theirs)."
+    )
     weights_key: str = Field(description="Which entry of the checkpoint held the weights ('' for a raw one).")
     load_seconds: float
     cpu: str = Field(description="Threads for inference and decoding, and where that number came from.")

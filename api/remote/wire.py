@@ -89,14 +89,16 @@ def _memfd(name: str, size: int) -> int:
 
 @dataclass(frozen=True)
 class Layout:
-    """A ring's slot size: the largest image it takes (at least what the engine asks), then the scores."""
+    """A ring's slot size: the largest image it takes (at least what the engine asks), then the answer:
+    room for the scores and their spread across folds (a fold ensemble's), so that a swap between one
+    checkpoint and k folds keeps the rings."""
 
     pixel_bytes: int
     classes: int
 
     @property
     def slot_bytes(self) -> int:
-        return (self.pixel_bytes + 4 * self.classes + 63) // 64 * 64
+        return (self.pixel_bytes + 8 * self.classes + 63) // 64 * 64
 
 
 class Ring:
@@ -121,8 +123,9 @@ class Ring:
         return self._data[start : start + height * width * 3].reshape(height, width, 3)
 
     def scores(self, slot: int) -> np.ndarray:
+        """The slot's answer: 2 x classes float32 (scores, then spread; one model fills the first half)."""
         start = slot * self.layout.slot_bytes + self.layout.pixel_bytes
-        return self._data[start : start + 4 * self.layout.classes].view(np.float32)
+        return self._data[start : start + 8 * self.layout.classes].view(np.float32)
 
 
 class Board:

@@ -32,17 +32,8 @@ from api.remote.messages import (
     Switch,
     Switched,
 )
+from tests.support import SERVED
 
-SERVED = Served(
-    "resnet50",
-    ("abyssinian", "bengal", "birman"),
-    "cpu",
-    "a" * 64,
-    multi_label=False,
-    threshold=0.5,
-    runtime="torch",
-    precision="fp32",
-)
 RECIPE = Recipe("short", (256,), (224, 224), 3, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), max_size=None)
 OFFER = ModelOffer(2, SERVED, RECIPE, 224, 0, {"architecture": "resnet50", "load_seconds": 1.5, "cpu": {"cpus": 2}})
 FIGURES = SwapFigures("b" * 12, "a" * 12, "/models/new.pt", 1.25, 0.01, 0.2, 1.5, 0)

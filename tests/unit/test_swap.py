@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.engine.model.served import Served
+from api.engine.model.folds import weights_bytes
 from api.errors import ModelLoadError
 from api.remote import messages, wire
 from api.remote.host.rules import (
@@ -19,24 +19,13 @@ from api.remote.host.rules import (
     HOST_COPIES,
     MIB,
     PREPARE_BYTES,
-    checkpoint_bytes,
     device_room,
     host_room,
     incompatibility,
     models_root,
     vet_checkpoint,
 )
-
-SERVED = Served(
-    "resnet50",
-    ("abyssinian", "bengal", "birman"),
-    "cpu",
-    "a" * 64,
-    multi_label=False,
-    threshold=0.5,
-    runtime="torch",
-    precision="fp32",
-)
+from tests.support import SERVED
 
 
 @pytest.fixture
@@ -132,11 +121,20 @@ def test_room_counts_both_models_and_the_containers_limit(tmp_path: Path) -> Non
 def test_checkpoint_size_counts_a_folders_files(tmp_path: Path) -> None:
     (tmp_path / "model.safetensors").write_bytes(b"x" * 1000)
     (tmp_path / "config.json").write_bytes(b"{}")
-    assert checkpoint_bytes(tmp_path) == 1002 and checkpoint_bytes(tmp_path / "config.json") == 2
+    assert weights_bytes(tmp_path) == 1002 and weights_bytes(tmp_path / "config.json") == 2
     sparse = tmp_path / "sparse.pt"
     with sparse.open("wb") as file:
         file.truncate(20 << 30)  # 20 GiB that take no disk: its size comes from the file system, unread
-    assert checkpoint_bytes(sparse) == 20 << 30
+    assert weights_bytes(sparse) == 20 << 30
+
+
+def test_checkpoint_size_of_a_folder_of_folds_counts_each_folds_checkpoint(tmp_path: Path) -> None:
+    for fold in range(3):
+        (tmp_path / f"fold_{fold}").mkdir()
+        (tmp_path / f"fold_{fold}" / "best_model.pt").write_bytes(b"x" * (100 + fold))
+        (tmp_path / f"fold_{fold}" / "train.log").write_bytes(b"y" * 5000)  # not a checkpoint
+    assert weights_bytes(tmp_path) == 303
+    assert weights_bytes(tmp_path / "fold_*" / "best_model.pt") == 303
 
 
 def test_the_new_model_must_keep_the_label_set() -> None:

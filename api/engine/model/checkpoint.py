@@ -39,6 +39,8 @@ _EMA_KEYS = ("state_dict_ema", "model_ema", "ema_state_dict", "ema")
 _WEIGHT_KEYS = ("model_state_dict", "state_dict", "model", "net", "weights")
 _ARCH_KEYS = ("architecture", "arch", "model_name")
 _LABEL_KEYS = ("class_names", "classes", "label_names", "labels", "idx_to_class", "class_to_idx")
+# the validation score a training loop records beside the weights (timm's train.py: `metric`)
+_SCORE_KEYS = ("best_score", "best_metric", "best_acc", "best_accuracy", "val_acc", "val_accuracy", "metric", "score")
 _FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 _MOUNT_HINT = (
     "set API_CHECKPOINT_PATH to your checkpoint file or timm model folder "
@@ -61,6 +63,7 @@ class Checkpoint:
     class_names: list[str] | None = None
     pretrained_cfg: dict[str, Any] = field(default_factory=dict)
     model_args: dict[str, Any] = field(default_factory=dict)
+    recorded_score: tuple[str, float] | None = None  # (its key, its value): what training said of these weights
 
 
 def read_checkpoint(path: Path, *, use_ema: bool = True) -> Checkpoint:
@@ -143,10 +146,26 @@ def _read_metadata(ckpt: Checkpoint, meta: dict[str, Any]) -> None:
     if num_classes is None and isinstance(args, argparse.Namespace):
         num_classes = getattr(args, "num_classes", None)
     ckpt.num_classes = int(num_classes) if isinstance(num_classes, int | str) and str(num_classes).isdigit() else None
+    score_key = next((k for k in _SCORE_KEYS if _number(meta.get(k)) is not None), None)
+    if score_key is not None:
+        ckpt.recorded_score = (score_key, float(_number(meta[score_key]) or 0.0))
     for key in _LABEL_KEYS:
         if key in meta and (names := names_from_mapping(meta[key])):
             ckpt.class_names = names
             break
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
 
 
 def _read_safetensors(path: Path, *, sha256: str = "") -> Checkpoint:

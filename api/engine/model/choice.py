@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -23,8 +23,9 @@ from api.config import ModelSettings
 from api.engine.images.recipe import Recipe
 from api.engine.model import evalset
 from api.engine.model.cache import ModelCache
+from api.engine.model.calibration import Calibration, calibrate
 from api.engine.model.checkpoint import Checkpoint
-from api.engine.model.evaluation import REFERENCE, Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
+from api.engine.model.evaluation import Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
 from api.engine.model.runtimes import openvino_runtime
 from api.engine.model.runtimes.base import Head, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name
 from api.engine.model.runtimes.null_runtime import NullRuntime
@@ -96,6 +97,7 @@ class Choice:
     runtime_reason: str
     precision_reason: str
     evaluation: Evaluation | None = None  # None: nothing was measured (a GPU, one candidate, API_RUNTIME=null)
+    calibration: Calibration | None = None  # None: no temperature (no labeled images, none pinned)
 
 
 def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
@@ -116,7 +118,10 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
                 f"(settings.device={plan.settings.device!r}); set API_DEVICE=cpu, or API_RUNTIME=auto or torch"
             )
         why = f"API_RUNTIME={asked}" if asked == "torch" else f"API_RUNTIME=auto: PyTorch on {device.type}"
-        return Choice(plan.torch_runtime(), why, _gpu_precision_reason(precision))
+        on_gpu = plan.torch_runtime()
+        calibration = _calibrate_here(plan, on_gpu)
+        return Choice(_tempered(on_gpu, calibration), why, _gpu_precision_reason(precision), None, calibration)
+    plan = replace(plan, head=replace(plan.head, temperature=1.0))  # measured untempered; tempered once chosen
     runtimes, obstacle = _runtimes(plan)
     specs = _specs(plan, runtimes)
     folder = plan.settings.eval_dir
@@ -125,12 +130,20 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     if len(specs) == 1 and images is None:  # nothing to choose, nothing to judge
         runtime, prec = specs[0]
         built = _build(plan, specs[0], cache, images)
-        return Choice(built, f"API_RUNTIME={asked}: {runtime}{obstacle}", f"API_PRECISION={precision}: {prec}")
+        calibration = _pinned(plan.settings.temperature)
+        return Choice(
+            _tempered(built, calibration),
+            f"API_RUNTIME={asked}: {runtime}{obstacle}",
+            f"API_PRECISION={precision}: {prec}",
+            None,
+            calibration,
+        )
     key = _evaluation_key(plan, specs, images)
     entry = cache.get(key)
     chosen: Runtime | None = None
     if entry is not None:
         evaluation = Evaluation.from_dict(entry.manifest["evaluation"])
+        calibration = Calibration.from_dict(entry.manifest["calibration"])
         logger.info("runtime: the measured choice read from the cache (%s)", entry.folder)
         try:
             chosen = _build(plan, evaluation.chosen, cache, images)
@@ -140,8 +153,10 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     elif not measure and cache.root is not None:
         raise MeasurementNeeded(f"{len(specs)} candidates to measure")
     if chosen is None:
-        evaluation, measured = _measure(plan, specs, images, cache)
-        cache.put(key, lambda folder: None, extra={"evaluation": evaluation.to_dict()})
+        evaluation, calibration, measured = _measure(plan, specs, images, cache)
+        cache.put(
+            key, lambda folder: None, extra={"evaluation": evaluation.to_dict(), "calibration": calibration.to_dict()}
+        )
         chosen = measured.pop(evaluation.chosen)
         del measured  # the others' memory goes now
     logger.info("runtime: %s", evaluation.summary())
@@ -149,7 +164,51 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     runtime_reason = (
         f"API_RUNTIME={asked}: {served.runtime} {served.precision} at {served.img_s:.0f} img/s, measured{obstacle}"
     )
-    return Choice(chosen, runtime_reason, evaluation.reason, evaluation)
+    return Choice(_tempered(chosen, calibration), runtime_reason, evaluation.reason, evaluation, calibration)
+
+
+def _pinned(temperature: float | None) -> Calibration:
+    return calibrate(np.zeros((0, 1)), None, fit=0, pinned=temperature)
+
+
+def _tempered(runtime: Runtime, calibration: Calibration) -> Runtime:
+    """The runtime with the calibrated temperature in its head (scores only: the compiled model is the same)."""
+    head = getattr(runtime, "head", None)
+    if head is None or head.temperature == calibration.temperature:
+        return runtime
+    return replace(runtime, head=replace(head, temperature=calibration.temperature))  # type: ignore[type-var]
+
+
+def _calibrate_here(plan: Plan, runtime: TorchRuntime) -> Calibration:
+    """On a GPU (nothing measured): the temperature from a labeled API_EVAL_DIR, in this process."""
+    folder = plan.settings.eval_dir
+    images = evalset.scan(folder) if folder is not None else None
+    if images is None or images.labels is None:
+        return _pinned(plan.settings.temperature)
+    pixels, labels = _eval_pixels(plan, images)
+    return _calibration(plan, runtime, pixels, labels, images.calibration)[0]
+
+
+def _calibration(
+    plan: Plan, runtime: TorchRuntime, pixels: np.ndarray, labels: np.ndarray | None, fit: int
+) -> tuple[Calibration, np.ndarray]:
+    """The temperature fitted on the calibration part (or pinned) and what it does on the held-out part,
+    from the untempered probabilities of `runtime` (PyTorch fp32: the model as trained)."""
+    classes = len(plan.built.class_names)
+    raw = replace(runtime, head=replace(plan.head, temperature=1.0, per_fold=True))
+    folds = scores_of(raw.forward, pixels, plan.settings.max_batch_size).reshape(len(pixels), -1, classes)
+    probabilities = folds.mean(axis=1)
+    multi = plan.settings.multi_label
+    calibration = calibrate(
+        probabilities,
+        None if multi else labels,
+        fit=fit,
+        pinned=plan.settings.temperature,
+        fold_probabilities=folds if folds.shape[1] > 1 else None,
+    )
+    if multi and plan.settings.temperature is None:
+        calibration = replace(calibration, reason="a multi-label model: its thresholds are its calibration")
+    return calibration, probabilities
 
 
 def _gpu_precision_reason(precision: str) -> str:
@@ -212,6 +271,7 @@ def _evaluation_key(plan: Plan, specs: list[Spec], images: evalset.EvalSet | Non
         "candidates": [list(spec) for spec in specs],
         "precision": plan.settings.precision,
         "min_agreement": plan.settings.min_agreement,
+        "temperature": plan.settings.temperature,
         "eval_digest": images.digest if images is not None else None,
         "batch": plan.settings.max_batch_size,
         "threads": plan.threads,
@@ -223,7 +283,7 @@ def _evaluation_key(plan: Plan, specs: list[Spec], images: evalset.EvalSet | Non
 
 def _measure(
     plan: Plan, specs: list[Spec], images: evalset.EvalSet | None, cache: ModelCache
-) -> tuple[Evaluation, dict[Spec, Runtime]]:
+) -> tuple[Evaluation, Calibration, dict[Spec, Runtime]]:
     started = time.perf_counter()
     pixels, labels = _eval_pixels(plan, images)
     calibration = images.calibration if images is not None else len(pixels)
@@ -240,17 +300,27 @@ def _measure(
     specs = list(runtimes)
     rates = time_runtimes(runtimes, plan.built.input_size, plan.settings.max_batch_size)
     candidates = [Candidate(runtime, precision, rates[(runtime, precision)]) for runtime, precision in specs]
+    tempering = _pinned(plan.settings.temperature)
     if images is not None:
         held = pixels[calibration:]
-        batch = plan.settings.max_batch_size
-        reference_runtime = runtimes.get(REFERENCE) or plan.torch_runtime("fp32")
-        reference = scores_of(reference_runtime.forward, held, batch)
+        batch, classes = plan.settings.max_batch_size, len(plan.built.class_names)
+        # the model as trained (PyTorch fp32, untempered): the reference, and the temperature's fit
+        fit = calibration if labels is not None else 0
+        tempering, probabilities = _calibration(
+            plan,
+            plan.torch_runtime("fp32"),
+            pixels[calibration - fit :],
+            (labels[calibration - fit :] if labels is not None else None),
+            fit,
+        )
+        reference = probabilities[fit:]
+        held_labels = labels[calibration:] if labels is not None else None
         candidates = [
             judge(
                 c,
-                scores_of(runtimes[c.spec].forward, held, batch),
+                scores_of(runtimes[c.spec].forward, held, batch)[:, :classes],
                 reference,
-                labels,
+                held_labels,
                 min_agreement=plan.settings.min_agreement,
             )
             for c in candidates
@@ -266,12 +336,12 @@ def _measure(
             evaluation.candidates, evaluation.chosen, evaluation.reason, evaluation.min_agreement, images.describe()
         )
     logger.info("runtime: %d candidates measured in %.1fs", len(specs), time.perf_counter() - started)
-    return evaluation, runtimes
+    return evaluation, tempering, runtimes
 
 
 def _eval_pixels(plan: Plan, images: evalset.EvalSet | None) -> tuple[np.ndarray, np.ndarray | None]:
-    """The evaluation images through the serving preprocessing, and each held-out one's label index
-    (-1: a class the model does not have), or random pixels to time an INT8 model by."""
+    """The evaluation images through the serving preprocessing, and each one's label index (-1: a class
+    the model does not have), or random pixels to time an INT8 model by."""
     if images is None:
         height, width = plan.built.input_size[1:]
         noise = np.random.default_rng(1).integers(0, 256, (SPEED_CALIBRATION, height, width, 3), dtype=np.uint8)
@@ -285,8 +355,7 @@ def _eval_pixels(plan: Plan, images: evalset.EvalSet | None) -> tuple[np.ndarray
     if images.labels is None:
         return pixels, None
     index = {name: i for i, name in enumerate(plan.built.class_names)}
-    labels = np.array([index.get(label, -1) for label in images.labels[images.calibration :]])
-    return pixels, labels
+    return pixels, np.array([index.get(label, -1) for label in images.labels])
 
 
 def _build(

@@ -15,6 +15,7 @@ from PIL import Image
 from api.engine.images.device_resize import resize_crop
 from api.engine.images.recipe import Recipe
 from api.engine.model.checkpoint import Checkpoint
+from api.engine.model.ensemble import Fold
 from api.engine.model.runtimes.base import Runtime
 from api.engine.model.served import Served
 
@@ -29,7 +30,8 @@ class Classifier:
     data_config: dict[str, Any]
     device: torch.device
     device_reason: str
-    checkpoint: Checkpoint
+    checkpoint: Checkpoint  # a fold ensemble's: the folds' folder, and a digest over theirs
+    folds: tuple[Fold, ...]  # one, or the k folds served as one model
     labels_source: str
     multi_label: bool
     threshold: float
@@ -37,6 +39,7 @@ class Classifier:
     precision_reason: str = ""
     load_seconds: float = 0.0
     evaluation: dict[str, Any] | None = None  # the candidates measured on a CPU (Evaluation.to_dict())
+    calibration: dict[str, Any] | None = None  # the temperature and what it did (Calibration.to_dict())
 
     @property
     def num_classes(self) -> int:
@@ -57,7 +60,8 @@ class Classifier:
         return self.split.pixels(image)
 
     def forward(self, items: Sequence[np.ndarray]) -> torch.Tensor:
-        """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU.
+        """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU,
+        N x 2C for a fold ensemble (the scores, then their spread across folds: `Served.split`).
 
         Images not yet resized and cropped (decoded ones a front-end shipped, API_PREPROCESS=engine)
         are resized and cropped here, on the model's device (api/engine/images/device_resize.py)."""
@@ -80,6 +84,7 @@ class Classifier:
             threshold=self.threshold,
             runtime=self.runtime.name,
             precision=self.runtime.precision,
+            folds=len(self.folds),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -102,6 +107,9 @@ class Classifier:
             "precision_reason": self.precision_reason,
             "dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": "int8"}[self.runtime.precision],
             "evaluation": self.evaluation,
+            "calibration": self.calibration,
+            "fold_count": len(self.folds),
+            "folds": [fold.to_dict() for fold in self.folds],
             "runtime_details": runtime,
             "checkpoint_path": str(ckpt.path),
             "checkpoint_format": ckpt.format,

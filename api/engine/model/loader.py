@@ -1,7 +1,8 @@
 """Load a classifier: checkpoint + timm architecture + labels + preprocessing + device + runtime, warmed up.
 
 `load_classifier(ModelSettings)` is the loader; what it returns is complete and immutable
-(api/engine/model/classifier.py). The runtime and precision (API_RUNTIME, API_PRECISION, API_EVAL_DIR)
+(api/engine/model/classifier.py). A folder (or glob) of k folds is read fold by fold and served as
+one model (api/engine/model/folds.py, ensemble.py). The runtime and precision (API_RUNTIME, API_PRECISION, API_EVAL_DIR)
 are chosen by api/engine/model/choice.py: PyTorch on CUDA and MPS; on a CPU, by measurement.
 """
 
@@ -21,6 +22,8 @@ from api.engine.model.checkpoint import Checkpoint, read_checkpoint
 from api.engine.model.choice import Built, Plan, choose_runtime
 from api.engine.model.classifier import Classifier
 from api.engine.model.device import resolve_device
+from api.engine.model.ensemble import Fold, FoldEnsemble, check_folds, common_folder, ensemble_sha256
+from api.engine.model.folds import fold_paths
 from api.engine.model.labels import resolve_class_names
 from api.engine.model.preprocess import build_transform, split_transform
 from api.engine.model.runtimes.base import Head
@@ -46,11 +49,16 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
         )
     started = time.perf_counter()
     device, device_reason = resolve_device(settings.device)
-    ckpt = read_checkpoint(settings.checkpoint_path, use_ema=settings.use_ema)
-    built = _build(ckpt, settings)
-    ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
+    named = fold_paths(settings.checkpoint_path, settings.folds)
+    ckpts, builts = [], []
+    for _, path in named:
+        ckpt = read_checkpoint(path, use_ema=settings.use_ema)
+        builts.append(_build(ckpt, settings))
+        ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
+        ckpts.append(ckpt)
+    built, ckpt, folds = _as_one([name for name, _ in named], ckpts, builts)
     precision = "fp32" if settings.precision == "auto" else settings.precision  # a GPU's; a CPU measures
-    head = Head(built.split.mean, built.split.std, settings.multi_label)
+    head = Head(built.split.mean, built.split.std, settings.multi_label, temperature=settings.temperature or 1.0)
     choice = choose_runtime(Plan(built, ckpt, settings, device, precision, head, threads), measure=measure)
     runtime = choice.runtime
     classifier = Classifier(
@@ -63,12 +71,14 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
         device=device,
         device_reason=device_reason,
         checkpoint=ckpt,
+        folds=folds,
         labels_source=built.labels_source,
         multi_label=settings.multi_label,
         threshold=settings.threshold,
         runtime_reason=choice.runtime_reason,
         precision_reason=choice.precision_reason,
         evaluation=choice.evaluation.to_dict() if choice.evaluation is not None else None,
+        calibration=choice.calibration.to_dict() if choice.calibration is not None else None,
     )
     warm_up(classifier)
     if isinstance(runtime, TorchRuntime) and settings.cuda_graphs and device.type == "cuda" and not settings.compile:
@@ -77,6 +87,39 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
             classifier = replace(classifier, runtime=graphed)
             warm_up(classifier)  # every size replayed once, through the serving path
     return replace(classifier, load_seconds=time.perf_counter() - started)
+
+
+def _as_one(
+    names: list[str], ckpts: list[Checkpoint], builts: list[Built]
+) -> tuple[Built, Checkpoint, tuple[Fold, ...]]:
+    """The folds as one model (api/engine/model/ensemble.py), or the one checkpoint as it is."""
+    folds = tuple(
+        Fold(name, str(c.path), c.sha256, b.architecture, c.recorded_score)
+        for name, c, b in zip(names, ckpts, builts, strict=True)
+    )
+    if len(builts) == 1:
+        return builts[0], ckpts[0], folds
+    scripted = next((name for name, b in zip(names, builts, strict=True) if b.scripted), None)
+    if scripted is not None:
+        raise ConfigError(
+            f"fold {scripted} is a TorchScript archive; an ensemble is built from weights: save each fold's "
+            "state_dict (or a timm model folder)"
+        )
+    check_folds(names, [{"class_names": b.class_names, "preprocessing": b.data_config} for b in builts])
+    first = builts[0]
+    architectures = sorted({b.architecture for b in builts})
+    built = replace(first, model=FoldEnsemble([b.model for b in builts]).eval(), architecture="+".join(architectures))
+    ckpt = Checkpoint(
+        path=common_folder([c.path for c in ckpts]),
+        format=ckpts[0].format,
+        sha256=ensemble_sha256([c.sha256 for c in ckpts]),
+        weights_key=ckpts[0].weights_key,
+        architecture=built.architecture,
+        num_classes=len(first.class_names),
+        class_names=list(first.class_names),
+    )
+    logger.info("%d folds served as one model: %s", len(builts), ", ".join(names))
+    return built, ckpt, folds
 
 
 def _build(ckpt: Checkpoint, settings: ModelSettings) -> Built:
@@ -115,7 +158,7 @@ def warm_up(classifier: Classifier) -> None:
     item = classifier.prepare(Image.new("RGB", (width * 2, height * 2)))
     for size in classifier.runtime.padded_sizes or (1,):
         scores = classifier.forward([item] * size)
-    if scores.shape[-1] != classifier.num_classes:
+    if scores.shape[-1] != classifier.served.width:
         raise CheckpointMismatch(
             f"the model answers {scores.shape[-1]} scores but {classifier.num_classes} classes are configured"
         )

@@ -21,14 +21,25 @@ class Served:
     threshold: float  # API_THRESHOLD: multi-label answers hold every label at or above it
     runtime: str  # what runs the forward pass, and in which precision (the info metric names both)
     precision: str
+    folds: int  # 1, or the k folds answering as one model (their scores are followed by their spread)
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
     @property
+    def width(self) -> int:
+        """Floats per image the engine answers: the scores, then (an ensemble) their spread across folds."""
+        return self.num_classes * (2 if self.folds > 1 else 1)
+
+    def split(self, row: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One image's answer -> its scores and, for a fold ensemble, their spread (else None)."""
+        classes = self.num_classes
+        return row[:classes], (row[classes : 2 * classes] if self.folds > 1 else None)
+
+    @property
     def version(self) -> str:
-        """The model version every answer names: the checkpoint's short sha256."""
+        """The model version every answer names: the checkpoint's short sha256 (of k folds: over all theirs)."""
         return self.checkpoint_sha256[:12]
 
     def rank(self, scores: np.ndarray, top_k: int) -> list[tuple[int, str, float]]:
@@ -53,6 +64,7 @@ class Served:
             "threshold": self.threshold,
             "runtime": self.runtime,
             "precision": self.precision,
+            "folds": self.folds,
         }
 
     @classmethod

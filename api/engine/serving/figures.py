@@ -47,8 +47,8 @@ class EngineFigures:
         self.model = Gauge(
             f"{PREFIX}_model_info",
             "The model serving predictions: 1 for its version (the checkpoint's short sha256), architecture, "
-            "runtime and the precision it computes in.",
-            ["version", "architecture", "checkpoint_sha256", "runtime", "precision"],
+            "runtime and the precision it computes in, and how many folds answer as one model.",
+            ["version", "architecture", "checkpoint_sha256", "runtime", "precision", "folds"],
             registry=registry,
             multiprocess_mode="livemax",
         )
@@ -57,7 +57,12 @@ class EngineFigures:
         """A model started serving (at start, and after each swap): the info metric names it alone."""
         self.model.clear()
         self.model.labels(
-            served.version, served.architecture, served.checkpoint_sha256, served.runtime, served.precision
+            served.version,
+            served.architecture,
+            served.checkpoint_sha256,
+            served.runtime,
+            served.precision,
+            str(served.folds),
         ).set(1)
 
     def on_batch(self, size: int, seconds: float, gpu_bytes: int | None) -> None:

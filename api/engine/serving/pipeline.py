@@ -55,6 +55,7 @@ class Classified:
 
     labels: list[tuple[int, str, float]]
     scores: np.ndarray  # C float32
+    spread: np.ndarray | None  # C float32: each score's standard deviation across folds (a fold ensemble)
     image: ImageDescription
     run: BatchRun
 
@@ -85,7 +86,7 @@ class StageObserver(Protocol):
 
 def outcomes_in_order(
     prepared: Sequence[ImageDescription | RequestError],
-    answers: Sequence[tuple[np.ndarray, BatchRun]],
+    answers: Sequence[tuple[np.ndarray, BatchRun]],  # the engine's rows: Served.width floats each
     served: Served,
     observer: StageObserver,
     top_k: int,
@@ -98,10 +99,11 @@ def outcomes_in_order(
         if isinstance(item, RequestError):
             outcomes.append(item)
             continue
-        scores, run = next(answered)
+        row, run = next(answered)
         observer.on_stage("queue", run.queued_s)
         observer.on_stage("forward", run.forward_s)
-        outcomes.append(Classified(served.rank(scores, top_k), scores, item, run))
+        scores, spread = served.split(row)
+        outcomes.append(Classified(served.rank(scores, top_k), scores, spread, item, run))
     return outcomes
 
 

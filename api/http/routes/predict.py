@@ -34,6 +34,16 @@ TopK = Annotated[
     int | None, Query(ge=1, le=1000, description="Labels to return (default API_TOP_K; ignored for multi-label).")
 ]
 
+MinConfidence = Annotated[
+    float | None,
+    Query(
+        ge=0.0,
+        le=1.0,
+        description="Mark the answer uncertain when its top (calibrated) score is below this "
+        "(default API_MIN_CONFIDENCE).",
+    ),
+]
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or undecodable image, bad base64/JSON."},
     401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
@@ -75,12 +85,18 @@ def _identity(served: Served) -> ModelIdentity:
         num_classes=served.num_classes,
         checkpoint_sha256=served.checkpoint_sha256,
         multi_label=served.multi_label,
+        folds=served.folds,
     )
 
 
-def _prediction(result: Classified) -> Prediction:
+def _prediction(result: Classified, min_confidence: float) -> Prediction:
+    spread = result.spread
     return Prediction(
-        predictions=[Label(index=i, label=name, score=score) for i, name, score in result.labels],
+        predictions=[
+            Label(index=i, label=name, score=score, spread=None if spread is None else float(spread[i]))
+            for i, name, score in result.labels
+        ],
+        uncertain=bool(result.scores.size) and float(result.scores.max()) < min_confidence,
         image=ImageInfo(width=result.image.width, height=result.image.height, format=result.image.format),
     )
 
@@ -110,7 +126,12 @@ def _timing(started: float, classification: Classification, request: Request) ->
     summary="Classify one image",
 )
 async def predict(
-    request: Request, state: StateDep, settings: HttpDep, metrics: MetricsDep, top_k: TopK = None
+    request: Request,
+    state: StateDep,
+    settings: HttpDep,
+    metrics: MetricsDep,
+    top_k: TopK = None,
+    min_confidence: MinConfidence = None,
 ) -> PredictResponse:
     """Classify one image sent as multipart field `file` (`curl -F file=@cat.jpg`), as a raw image
     body, or as JSON `{"image": "<base64>"}`. Answers the top-k labels (every label above the
@@ -132,9 +153,10 @@ async def predict(
         metrics.on_images(error.code)
         raise
     metrics.on_images("ok")
-    result = _prediction(outcome)
+    result = _prediction(outcome, settings.min_confidence if min_confidence is None else min_confidence)
     return PredictResponse(
         predictions=result.predictions,
+        uncertain=result.uncertain,
         image=result.image,
         model=_identity(classification.served),
         timing=_timing(started, classification, request),
@@ -149,7 +171,12 @@ async def predict(
     summary="Classify several images",
 )
 async def predict_batch(
-    request: Request, state: StateDep, settings: HttpDep, metrics: MetricsDep, top_k: TopK = None
+    request: Request,
+    state: StateDep,
+    settings: HttpDep,
+    metrics: MetricsDep,
+    top_k: TopK = None,
+    min_confidence: MinConfidence = None,
 ) -> BatchResponse:
     """Classify up to API_MAX_BATCH_FILES images sent as repeated multipart `file` fields, in one
     forward pass. Each file gets its own result or error; one bad file does not fail the others."""
@@ -176,7 +203,8 @@ async def predict_batch(
             )
         else:
             metrics.on_images("ok")
-            items.append(BatchItem(filename=upload.filename, ok=True, result=_prediction(outcome)))
+            threshold = settings.min_confidence if min_confidence is None else min_confidence
+            items.append(BatchItem(filename=upload.filename, ok=True, result=_prediction(outcome, threshold)))
     return BatchResponse(
         results=items, model=_identity(classification.served), timing=_timing(started, classification, request)
     )

@@ -190,6 +190,7 @@ async def model_config(name: str, state: StateDep, http: HttpDep, version: str |
         "parameters": {
             "architecture": {"string_value": served.architecture},
             "labels": {"string_value": json.dumps(list(served.class_names))},
+            "folds": {"string_value": str(served.folds)},
         },
     }
 
@@ -251,7 +252,11 @@ async def infer(
     request.state.batch_size = max(o.run.size for o in answered)  # for the access log line
     served = classification.served
     scores = np.stack([o.scores for o in answered])
-    header: dict[str, Any] = {"model_name": name, "model_version": served.version}
+    header: dict[str, Any] = {
+        "model_name": name,
+        "model_version": served.version,
+        "parameters": {"folds": served.folds},  # how many folds answered as one model
+    }
     if wanted.id is not None:
         header["id"] = wanted.id
     content, headers = encode_infer(header, [output_tensor(o, scores, served.class_names) for o in wanted.outputs])

@@ -402,7 +402,7 @@ class EngineLink:
                 if status == OK:
                     run = BatchRun(int(record["size"]), float(record["forward_s"]), float(record["queued_s"]))
                     assert job.served is not None  # set when sent
-                    job.future.set_result((job.ring.scores(job.slot).copy(), run, job.served))
+                    job.future.set_result((job.ring.scores(job.slot)[: job.served.width].copy(), run, job.served))
                 elif status == DROPPED:
                     job.future.set_exception(GatewayTimeout("the request deadline passed before its forward pass"))
                 else:

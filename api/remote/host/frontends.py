@@ -83,7 +83,7 @@ class RemoteJob:
     def deliver(self, scores: np.ndarray, run: BatchRun) -> None:
         ring = self.frontend.ring
         if ring is not None and not self.frontend.closed:
-            ring.scores(self.slot)[:] = scores
+            ring.scores(self.slot)[: len(scores)] = scores
             self.frontend.reply((self.id, self.slot, OK, run.size, run.forward_s, run.queued_s))
 
     def fail(self, error: BaseException) -> None:

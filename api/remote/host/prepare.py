@@ -29,10 +29,11 @@ import time
 from typing import TYPE_CHECKING
 
 from api.config import ModelSettings
+from api.engine.model.folds import weights_bytes
 from api.errors import EXIT_LOAD_FAILED, ModelLoadError
 from api.remote import entrypoints
 from api.remote.host.aside import run_aside
-from api.remote.host.rules import HEADROOM_BYTES, PREPARE_BYTES, checkpoint_bytes, device_room, host_room
+from api.remote.host.rules import HEADROOM_BYTES, PREPARE_BYTES, device_room, host_room
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +51,7 @@ def prepare_beside(
     The process may hold the room a second model needs, twice over at most (never more than is
     free); on a GPU host it checks the model on the CPU and never touches the GPU."""
     assert model.checkpoint_path is not None
-    weights = checkpoint_bytes(model.checkpoint_path)
+    weights = weights_bytes(model.checkpoint_path)
     room = host_room(weights, extra=PREPARE_BYTES)
     rooms = [room]
     gpu = device.type == "cuda"

@@ -89,13 +89,6 @@ def _kind(mode: int) -> str:
     return next((name for test, name in kinds.items() if test(mode)), "a socket" if stat.S_ISSOCK(mode) else "special")
 
 
-def checkpoint_bytes(path: Path) -> int:
-    """The weights' size on disk, from the file system (a timm folder: every file in it); nothing is read."""
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size if path.is_file() else 0
-
-
 @dataclass(frozen=True)
 class Room:
     """Whether a second model fits: what it needs and what is free, in bytes."""

@@ -3,7 +3,8 @@
 
 A runtime is built complete by the loader and never changed afterwards. It takes a batch of the
 decode pool's output (N x H x W x 3 uint8, already resized and cropped) and answers float32 scores
-on the CPU (softmax, or sigmoid for multi-label models). Normalisation is the runtime's job: on a
+on the CPU (softmax, or sigmoid for multi-label models; a fold ensemble's are followed by their
+spread across folds: N x 2C, api/engine/model/ensemble.py). Normalisation is the runtime's job: on a
 GPU it runs there, in OpenVINO it is part of the compiled graph.
 """
 
@@ -38,7 +39,7 @@ class Runtime(Protocol):
         ...
 
     def forward(self, pixels: np.ndarray) -> torch.Tensor:
-        """N x H x W x 3 uint8 -> N x C float32 scores on the CPU."""
+        """N x H x W x 3 uint8 -> N x C float32 scores on the CPU (N x 2C for a fold ensemble: + spread)."""
         ...
 
     def describe(self) -> dict[str, Any]:
@@ -48,15 +49,38 @@ class Runtime(Protocol):
 
 @dataclass(frozen=True)
 class Head:
-    """How logits become scores, and the normalisation in front of the model (timm's data config)."""
+    """How logits become scores, and the normalisation in front of the model (timm's data config).
+
+    One model's N x C logits: softmax (sigmoid for multi-label) of logits / temperature. A fold
+    ensemble's N x k x C logits (api/engine/model/ensemble.py): each fold's probabilities, then N x 2C:
+    their mean, tempered, followed by their spread (the population standard deviation across folds,
+    before tempering). `per_fold`: N x k*C, each fold's own probabilities (the evaluation's reference)."""
 
     mean: tuple[float, ...]
     std: tuple[float, ...]
     multi_label: bool = False
+    temperature: float = 1.0  # fitted on a labeled API_EVAL_DIR, or API_TEMPERATURE (api/engine/model/calibration.py)
+    per_fold: bool = False
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.float()
-        return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        if logits.ndim == 2:
+            tempered = logits / self.temperature if self.temperature != 1.0 else logits
+            return tempered.sigmoid() if self.multi_label else tempered.softmax(dim=-1)
+        probabilities = logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
+        if self.per_fold:
+            return probabilities.flatten(1)
+        mean = probabilities.mean(dim=1)
+        spread = probabilities.std(dim=1, correction=0)
+        return torch.cat([self.temper(mean), spread], dim=1)
+
+    def temper(self, probabilities: torch.Tensor) -> torch.Tensor:
+        """Probabilities as if their logits were divided by the temperature (softmax, or each sigmoid)."""
+        if self.temperature == 1.0:
+            return probabilities
+        if self.multi_label:
+            return (torch.logit(probabilities, eps=1e-7) / self.temperature).sigmoid()
+        return (probabilities.clamp_min(1e-12).log() / self.temperature).softmax(dim=-1)
 
 
 def cpu_flags(cpuinfo: Path = CPUINFO) -> frozenset[str]:
