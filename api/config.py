@@ -106,6 +106,11 @@ class Settings(BaseSettings):
         description="Pin the softmax temperature every score is divided by; unset: fitted on a labeled "
         "API_EVAL_DIR (negative log-likelihood), else 1 (the model's own scores).",
     )
+    explain_layer: str | None = Field(
+        None,
+        description="explain=true: the layer Grad-CAM explains at, a module name of the timm model (layer4, "
+        "stages.3, blocks.6); unset: the deepest feature stage whose maps are at least 7 pixels across.",
+    )
     cache_dir: Path | None = Field(
         None,
         description="Converted models (OpenVINO) and runtime choices, keyed by checkpoint sha256; "
@@ -124,6 +129,13 @@ class Settings(BaseSettings):
         5.0, ge=0, le=1000, description="How long a batch may wait for more images after its first one."
     )
     max_queue: int = Field(64, ge=1, description="Images admitted at once (decoding or queued); beyond: 503.")
+    max_explanations: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="explain=true requests admitted at once over the service (waiting or running, one at a time, "
+        "in a process of their own at a lower priority); beyond: 503 with Retry-After.",
+    )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for an accepted request; beyond: 504.")
     num_threads: int | None = Field(
         None, ge=1, le=1024, description="Torch intra-op threads and decode pool size; unset: from the CPU quota."
@@ -279,6 +291,7 @@ class Settings(BaseSettings):
         "eval_dir",
         "folds",
         "temperature",
+        "explain_layer",
         mode="before",
     )
     @classmethod
@@ -379,6 +392,7 @@ class ModelSettings:
     min_agreement: float
     folds: str | None
     temperature: float | None
+    explain_layer: str | None
     compile: bool
     cuda_graphs: bool
     max_batch_size: int  # the largest batch the runtime will see (padded sizes, timed choices)
@@ -392,6 +406,7 @@ class BatchingSettings:
     max_batch_size: int
     max_batch_wait_s: float  # derived from API_MAX_BATCH_WAIT_MS
     max_queue: int
+    max_explanations: int
     request_timeout_s: float
     num_threads: int | None
     workers: int  # the processes sharing this host's CPUs (thread counts are divided among them)

@@ -31,7 +31,8 @@
         ├── InferenceFailed          500 inference_failed: the forward pass raised
         ├── NotImplementedHere       501 not_implemented
         ├── ServiceUnavailable       503 not_ready (with Retry-After)
-        │   └── Overloaded           503 overloaded: the queue is full (with Retry-After)
+        │   ├── Overloaded           503 overloaded: the queue is full (with Retry-After)
+        │   └── ExplainBusy          503 explain_busy: API_MAX_EXPLANATIONS are in progress (with Retry-After)
         └── GatewayTimeout           504 timeout: accepted, but not answered within the deadline
 
 The codes above are the only ones a response carries (tests/unit/test_errors.py holds them to it).
@@ -206,6 +207,10 @@ class ServiceUnavailable(RequestError):
 
 class Overloaded(ServiceUnavailable):
     code = "overloaded"
+
+
+class ExplainBusy(ServiceUnavailable):
+    code = "explain_busy"
 
 
 class InternalError(RequestError):

@@ -62,9 +62,28 @@ class Prediction(BaseModel):
     image: ImageInfo
 
 
+class ExplanationBody(BaseModel):
+    index: int = Field(description="The label explained: the answer's top label.")
+    label: str
+    heatmap_png: str = Field(
+        description="Base64 grayscale PNG the size of the model's input: Grad-CAM of the label (white: the "
+        "regions that speak most for it); for k folds, the mean of their maps."
+    )
+    width: int
+    height: int
+    box: list[float] = Field(
+        description="Where the heatmap lies in the uploaded image: the model's crop as [left, top, right, bottom] "
+        "in its pixels (beyond its edges where the crop pads)."
+    )
+    layer: str = Field(description="The layer explained (timm feature stage).")
+    explain_ms: float = Field(description="The explanation's own compute time (PyTorch, one thread).")
+    memory_mb: float = Field(description="Resident memory of the process that explains (it loads PyTorch).")
+
+
 class PredictResponse(Prediction):
     model: ModelIdentity
     timing: Timing
+    explanation: ExplanationBody | None = Field(None, description="With explain=true: why the top label.")
 
 
 class Base64Image(BaseModel):

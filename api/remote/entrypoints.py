@@ -2,6 +2,7 @@
 
 ENGINE   the engine process, started by a front-end when none serves its group
 PREPARE  a swap's new model, built and checked in a process of its own before the engine loads it
+EXPLAIN  Grad-CAM of the served model, beside the engine, started on the first explain=true
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from api.config import BatchingSettings, ModelSettings, Settings
 
 ENGINE = "api.remote.host.main"
 PREPARE = "api.remote.host.prepare"
-MODULES = (ENGINE, PREPARE)
+EXPLAIN = "api.remote.host.explainer"
+MODULES = (ENGINE, PREPARE, EXPLAIN)
 
 
 @dataclass(frozen=True)

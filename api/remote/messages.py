@@ -177,6 +177,31 @@ class Loaded(_Message, frozen=True, tag="D"):
     figures: SwapFigures | None = None
 
 
+class Explain(_Message, frozen=True, tag="E"):
+    """Explain `label` for the image in `slot` (prepared for the model of `generation`): Grad-CAM."""
+
+    token: int
+    generation: int
+    slot: int
+    height: int
+    width: int
+    resize: int  # 1: the pixels still need the recipe's resize + crop
+    label: int
+
+
+class Explained(_Message, frozen=True, tag="e"):
+    """The answer to an Explain: 200 with the heatmap (H x W uint8) in the slot, else the status and why."""
+
+    token: int
+    status: int
+    error: str | None = None
+    height: int = 0
+    width: int = 0
+    layer: str = ""
+    seconds: float = 0.0
+    memory_mb: float = 0.0  # the explaining process's resident memory
+
+
 class Dropped(_Message, frozen=True, tag="X"):
     """The engine closes this front-end's link (it may connect again)."""
 
@@ -196,6 +221,8 @@ Message = (
     | Switch
     | Switched
     | Loaded
+    | Explain
+    | Explained
     | Dropped
 )
 KINDS: tuple[type[_Message], ...] = Message.__args__

@@ -122,6 +122,11 @@ class Ring:
         start = slot * self.layout.slot_bytes
         return self._data[start : start + height * width * 3].reshape(height, width, 3)
 
+    def heatmap(self, slot: int, height: int, width: int) -> np.ndarray:
+        """An explanation's heatmap (H x W uint8), written over the slot's pixels."""
+        start = slot * self.layout.slot_bytes
+        return self._data[start : start + height * width].reshape(height, width)
+
     def scores(self, slot: int) -> np.ndarray:
         """The slot's answer: 2 x classes float32 (scores, then spread; one model fills the first half)."""
         start = slot * self.layout.slot_bytes + self.layout.pixel_bytes

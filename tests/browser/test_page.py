@@ -13,8 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from playwright.sync_api import BrowserContext, Page, expect, sync_playwright
 
+from tests.digits import IMAGE_SIZE, Digits
 from tests.helpers import IMAGENET_CATS, make_settings, running_server
 
 CHROMIUM = os.environ.get("CHROMIUM", "/usr/bin/chromium")
@@ -194,3 +196,47 @@ def test_the_page_shows_what_was_measured_and_what_serves(page: Page, demo_dir: 
         expect(chosen).to_contain_text("passed · serving")
         expect(page.locator("#evaluation-chosen")).to_have_text(f"{model['runtime']} {model['precision']}")
         page.screenshot(path=str(SHOTS / "evaluation.png"), full_page=True)
+
+
+def test_a_fold_ensemble_shows_spread_not_sure_the_model_view_and_the_why_overlay(
+    page: Page, digits: Digits, tmp_path: Path
+) -> None:
+    """The digits' 3 folds, calibrated on their held-out digits: each score's spread as an error bar,
+    "not sure" in words, the model view (folds, reliability diagram, confusion matrix) and, on the
+    toggle, the Grad-CAM heatmap drawn over the photo."""
+    digit = tmp_path / "digit.png"
+    Image.fromarray(digits.images[0]).convert("RGB").save(digit)
+    settings = make_settings(
+        checkpoint_path=digits.folds,
+        image_size=IMAGE_SIZE,
+        eval_dir=digits.eval_dir,
+        min_confidence=1.0,  # every answer below it: "not sure" shown
+        runtime="torch",
+        precision="fp32",
+    )
+    with running_server(settings, timeout_s=300) as url:
+        page.goto(url + "/")
+        expect(page.locator("#model-info")).to_contain_text("resnet10t · 10 classes · 3 folds as one model")
+        view = page.locator("#model-view")
+        expect(view).to_be_visible()
+        view.locator("summary").click()
+        expect(page.locator("#folds-table tbody tr")).to_have_count(3)
+        expect(page.locator("#calibration-text")).to_contain_text("expected calibration error")
+        expect(page.locator("#reliability rect.after").first).to_be_attached()
+        expect(page.locator("#confusion rect")).to_have_count(100)
+
+        page.locator("#file-input").set_input_files(str(digit))
+        card = page.locator(".card").first
+        expect(card.locator(".labels li").first).to_be_visible()
+        expect(card.locator(".labels li .spread").first).to_be_attached()
+        expect(card.locator(".uncertain")).to_contain_text("Not sure")
+
+        card.locator(".why-toggle").check()
+        overlay = card.locator("canvas.overlay")
+        expect(overlay).to_be_visible(timeout=60_000)
+        expect(overlay).to_have_attribute("data-layer", "layer1")
+        expect(card.locator(".preview")).to_be_hidden()
+        page.screenshot(path=str(SHOTS / "why.png"), full_page=True)
+        card.locator(".why-toggle").uncheck()
+        expect(overlay).to_be_hidden()
+        expect(card.locator(".preview")).to_be_visible()

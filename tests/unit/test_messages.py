@@ -17,6 +17,8 @@ from api.remote.messages import (
     REPLY,
     Attach,
     Dropped,
+    Explain,
+    Explained,
     Heartbeat,
     Hello,
     Jobs,
@@ -61,6 +63,9 @@ EVERY_KIND = [
     Switched(2),
     Loaded(5, 200, figures=FIGURES),
     Loaded(6, 409, error="a model swap is already running"),
+    Explain(9, 2, 17, 224, 224, 0, 3),
+    Explained(9, 200, None, 224, 224, "layer4", 0.42, 812.5),
+    Explained(10, 503, "1 explanations are in progress (API_MAX_EXPLANATIONS=1); retry later"),
     Dropped("front-end 3 did not confirm the switch"),
 ]
 

@@ -63,6 +63,14 @@ class Recipe:
         top = -((crop_h - height) // 2) if crop_h > height else round((height - crop_h) / 2.0)
         return left, top, left + crop_w, top + crop_h
 
+    def source_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """What the model sees of a `width` x `height` image: the crop's (left, top, right, bottom) in
+        the image's own pixels (beyond its edges where the crop pads)."""
+        resized_w, resized_h = self.resized_size(width, height)
+        left, top, right, bottom = self.crop_box(resized_w, resized_h)
+        sx, sy = width / resized_w, height / resized_h
+        return (round(left * sx, 1), round(top * sy, 1), round(right * sx, 1), round(bottom * sy, 1))
+
     @property
     def resize_short_side(self) -> int:
         """The shorter side the resize aims at (what reduced-scale JPEG decoding may go down to)."""

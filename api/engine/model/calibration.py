@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+METHOD = "temperature-map-1"  # in the model cache's key: a changed fit is measured again
 BINS = 15
 MIN_FIT = 20  # labeled calibration images below which no temperature is fitted (T = 1)
 

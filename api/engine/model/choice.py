@@ -23,6 +23,7 @@ from api.config import ModelSettings
 from api.engine.images.recipe import Recipe
 from api.engine.model import evalset
 from api.engine.model.cache import ModelCache
+from api.engine.model.calibration import METHOD as CALIBRATION_METHOD
 from api.engine.model.calibration import Calibration, calibrate
 from api.engine.model.checkpoint import Checkpoint
 from api.engine.model.evaluation import Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
@@ -272,6 +273,7 @@ def _evaluation_key(plan: Plan, specs: list[Spec], images: evalset.EvalSet | Non
         "precision": plan.settings.precision,
         "min_agreement": plan.settings.min_agreement,
         "temperature": plan.settings.temperature,
+        "calibration": CALIBRATION_METHOD,
         "eval_digest": images.digest if images is not None else None,
         "batch": plan.settings.max_batch_size,
         "threads": plan.threads,

@@ -49,14 +49,8 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
         )
     started = time.perf_counter()
     device, device_reason = resolve_device(settings.device)
-    named = fold_paths(settings.checkpoint_path, settings.folds)
-    ckpts, builts = [], []
-    for _, path in named:
-        ckpt = read_checkpoint(path, use_ema=settings.use_ema)
-        builts.append(_build(ckpt, settings))
-        ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
-        ckpts.append(ckpt)
-    built, ckpt, folds = _as_one([name for name, _ in named], ckpts, builts)
+    names, ckpts, builts = read_folds(settings)
+    built, ckpt, folds = _as_one(names, ckpts, builts)
     precision = "fp32" if settings.precision == "auto" else settings.precision  # a GPU's; a CPU measures
     head = Head(built.split.mean, built.split.std, settings.multi_label, temperature=settings.temperature or 1.0)
     choice = choose_runtime(Plan(built, ckpt, settings, device, precision, head, threads), measure=measure)
@@ -87,6 +81,19 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
             classifier = replace(classifier, runtime=graphed)
             warm_up(classifier)  # every size replayed once, through the serving path
     return replace(classifier, load_seconds=time.perf_counter() - started)
+
+
+def read_folds(settings: ModelSettings) -> tuple[list[str], list[Checkpoint], list[Built]]:
+    """Every fold API_CHECKPOINT_PATH names (one for a single checkpoint), each built as a PyTorch module."""
+    assert settings.checkpoint_path is not None
+    ckpts, builts = [], []
+    named = fold_paths(settings.checkpoint_path, settings.folds)
+    for _, path in named:
+        ckpt = read_checkpoint(path, use_ema=settings.use_ema)
+        builts.append(_build(ckpt, settings))
+        ckpt.state_dict = {}  # the model owns the weights now; don't keep a second copy alive
+        ckpts.append(ckpt)
+    return [name for name, _ in named], ckpts, builts
 
 
 def _as_one(

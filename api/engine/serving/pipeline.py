@@ -60,6 +60,17 @@ class Classified:
     run: BatchRun
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """A Grad-CAM heatmap of one label: the model's input size, and where that input lies in the image."""
+
+    heatmap: np.ndarray  # H x W uint8, 255 = speaks most for the label
+    box: tuple[float, float, float, float]  # the crop (left, top, right, bottom) in the image's pixels
+    layer: str
+    seconds: float  # the explanation's own compute time
+    memory_mb: float  # the explaining process's resident memory
+
+
 Outcome = Classified | RequestError
 
 # What a request hands the pipeline per image: an encoded image file, or 8-bit RGB pixels (H, W, 3)
@@ -108,7 +119,7 @@ def outcomes_in_order(
 
 
 class Pipeline(Protocol):
-    """Admit, classify, describe, close: what the HTTP side and the CLI call."""
+    """Admit, classify, explain, describe, close: what the HTTP side and the CLI call."""
 
     @property
     def served(self) -> Served: ...
@@ -118,6 +129,8 @@ class Pipeline(Protocol):
     async def classify(
         self, ticket: Ticket, uploads: Sequence[Upload], *, top_k: int, deadline: float | None = None
     ) -> Classification: ...
+
+    async def explain(self, upload: Upload, label: int, *, deadline: float) -> Explanation: ...
 
     def describe(self) -> dict[str, Any]: ...
 

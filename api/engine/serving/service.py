@@ -15,6 +15,8 @@ import asyncio
 import contextvars
 import functools
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +35,7 @@ from api.engine.serving.batching import Batcher
 from api.engine.serving.pipeline import (
     BatchRun,
     Classification,
+    Explanation,
     ImageDescription,
     Ticket,
     Upload,
@@ -40,7 +43,7 @@ from api.engine.serving.pipeline import (
     outcomes_in_order,
     prepare_upload,
 )
-from api.errors import RequestError
+from api.errors import ExplainBusy, RequestError
 
 logger = logging.getLogger(__name__)
 
@@ -75,14 +78,18 @@ class Engine:
         options: BatchingSettings,
         cpu: CpuBudget,
         observer: Observer,
+        model: ModelSettings,
     ):
         self.classifier = classifier
+        self.model = model  # what it was loaded from (an explanation loads the same folds again)
         self.batcher = batcher
         self.options = options
         self.cpu = cpu
         self._decoder = decoder
         self._observer = observer
         self._reduce_to = classifier.resize_short_side if options.reduced_decode else None
+        self._explaining = threading.Lock()
+        self._explainer: Any = None  # api.engine.model.explain.GradCam, loaded on the first explanation
         self.served = classifier.served
 
     @classmethod
@@ -130,7 +137,7 @@ class Engine:
         classifier = batcher.start(load)
         release_free_memory()  # what conversion, timing and warm-up freed goes back to the OS now
         decoder = ThreadPoolExecutor(max_workers=budget.threads, thread_name_prefix="decode")
-        return cls(classifier, batcher, decoder, batching, budget, watcher)
+        return cls(classifier, batcher, decoder, batching, budget, watcher, model)
 
     # --- the pipeline ----------------------------------------------------------------------------
 
@@ -180,6 +187,31 @@ class Engine:
         with self.admit(len(uploads)) as ticket:
             return await self.classify(ticket, uploads, top_k=top_k, deadline=deadline)
 
+    async def explain(self, upload: Upload, label: int, *, deadline: float) -> Explanation:
+        """Grad-CAM of `label`, in this process (the CLI's local mode): the folds loaded as PyTorch
+        modules on first use, one explanation at a time (ExplainBusy beyond)."""
+        if not self._explaining.acquire(blocking=False):
+            raise ExplainBusy("an explanation is in progress; retry", retry_after_s=1)
+        try:
+            prepared = await self._prepare(upload)
+            if isinstance(prepared, RequestError):
+                raise prepared
+            info, pixels = prepared
+
+            def run() -> Explanation:
+                from api.engine.model.explain import load_explainer
+
+                if self._explainer is None:
+                    self._explainer = load_explainer(self.model)
+                heatmap = self._explainer.explain(pixels, label)
+                box = self.classifier.split.source_box(info.width, info.height)
+                values = np.round(heatmap.values * 255).astype(np.uint8)
+                return Explanation(values, box, heatmap.layer, heatmap.seconds, _resident_mb())
+
+            return await asyncio.wait_for(asyncio.to_thread(run), max(deadline - time.monotonic(), 0))
+        finally:
+            self._explaining.release()
+
     # --- what it is --------------------------------------------------------------------------------
 
     def describe(self) -> dict[str, Any]:
@@ -201,3 +233,9 @@ class Engine:
         """Finish what is queued, then stop the inference thread and the decode pool."""
         self.batcher.close()
         self._decoder.shutdown(wait=True)
+
+
+def _resident_mb() -> float:
+    """This process's resident memory, in MiB."""
+    with open("/proc/self/statm") as statm:
+        return round(int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / (1 << 20), 1)

@@ -3,13 +3,16 @@ answer; the engine (api/engine/serving/service.py) does the rest."""
 
 from __future__ import annotations
 
+import base64
+import io
 import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
+from PIL import Image
 
 from api.engine.model.served import Served
-from api.engine.serving.pipeline import Classification, Classified
+from api.engine.serving.pipeline import Classification, Classified, Explanation
 from api.errors import RequestError
 from api.http.deps import HttpDep, MetricsDep, StateDep, require_api_key
 from api.http.metrics import Metrics
@@ -19,6 +22,7 @@ from api.http.schemas import (
     BatchResponse,
     ErrorBody,
     ErrorResponse,
+    ExplanationBody,
     ImageInfo,
     Label,
     ModelIdentity,
@@ -44,6 +48,14 @@ MinConfidence = Annotated[
     ),
 ]
 
+Explain = Annotated[
+    bool,
+    Query(
+        description="Also answer a Grad-CAM heatmap of the top label (PNG, base64) and its crop box in the image. "
+        "Costs far more than the prediction; at most API_MAX_EXPLANATIONS at once, beyond 503 explain_busy."
+    ),
+]
+
 _ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Corrupt or undecodable image, bad base64/JSON."},
     401: {"model": ErrorResponse, "description": "API_API_KEY is set and the request lacks it."},
@@ -54,7 +66,11 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
     },
     415: {"model": ErrorResponse, "description": "Not a supported image (decided from the bytes)."},
     422: {"model": ErrorResponse, "description": "No file in the request, or a bad query parameter."},
-    503: {"model": ErrorResponse, "description": "Over capacity (API_MAX_QUEUE) or model not ready; see Retry-After."},
+    503: {
+        "model": ErrorResponse,
+        "description": "Over capacity (API_MAX_QUEUE, or API_MAX_EXPLANATIONS for explain=true) or model not ready; "
+        "see Retry-After.",
+    },
     504: {"model": ErrorResponse, "description": "No answer within API_REQUEST_TIMEOUT_S (queueing included)."},
 }
 
@@ -132,6 +148,7 @@ async def predict(
     metrics: MetricsDep,
     top_k: TopK = None,
     min_confidence: MinConfidence = None,
+    explain: Explain = False,
 ) -> PredictResponse:
     """Classify one image sent as multipart field `file` (`curl -F file=@cat.jpg`), as a raw image
     body, or as JSON `{"image": "<base64>"}`. Answers the top-k labels (every label above the
@@ -153,6 +170,11 @@ async def predict(
         metrics.on_images(error.code)
         raise
     metrics.on_images("ok")
+    explanation = None
+    if explain:
+        label = int(outcome.scores.argmax())  # the top label (for multi-label too, above the threshold or not)
+        explained = await engine.explain(uploads[0].data, label, deadline=deadline)
+        explanation = _explanation(explained, label, classification.served)
     result = _prediction(outcome, settings.min_confidence if min_confidence is None else min_confidence)
     return PredictResponse(
         predictions=result.predictions,
@@ -160,6 +182,24 @@ async def predict(
         image=result.image,
         model=_identity(classification.served),
         timing=_timing(started, classification, request),
+        explanation=explanation,
+    )
+
+
+def _explanation(explained: Explanation, label: int, served: Served) -> ExplanationBody:
+    png = io.BytesIO()
+    Image.fromarray(explained.heatmap, mode="L").save(png, format="PNG")
+    height, width = explained.heatmap.shape
+    return ExplanationBody(
+        index=label,
+        label=served.class_names[label],
+        heatmap_png=base64.b64encode(png.getvalue()).decode(),
+        width=width,
+        height=height,
+        box=list(explained.box),
+        layer=explained.layer,
+        explain_ms=round(explained.seconds * 1000, 1),
+        memory_mb=explained.memory_mb,
     )
 
 

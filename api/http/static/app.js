@@ -53,8 +53,10 @@ async function loadModelInfo() {
     }
     const model = await response.json();
     info.classList.remove("bad");
-    info.textContent = `Model ${model.architecture} · ${model.num_classes} classes · running on ${model.device}`;
+    const folds = model.fold_count > 1 ? ` · ${model.fold_count} folds as one model` : "";
+    info.textContent = `Model ${model.architecture} · ${model.num_classes} classes${folds} · running on ${model.device}`;
     renderEvaluation(model);
+    renderModelView(model);
   } catch (error) {
     info.classList.add("bad");
     info.textContent = PLAIN_WORDS.network;
@@ -101,6 +103,96 @@ function renderEvaluation(model) {
   panel.hidden = false;
 }
 
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgNode(name, attributes) {
+  const node = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  return node;
+}
+
+function renderModelView(model) {
+  // folds, temperature, reliability diagram and confusion matrix (GET /api/v1/model)
+  const calibration = model.calibration;
+  const labeled = calibration && calibration.ece_before !== null;
+  $("#model-view").hidden = model.fold_count <= 1 && !calibration;
+  $("#model-summary").textContent =
+    `${model.fold_count > 1 ? `${model.fold_count} folds, ` : ""}version ${model.version}` +
+    (calibration ? `, temperature ${calibration.temperature}` : "");
+  const body = $("#folds-table tbody");
+  body.replaceChildren();
+  model.folds.forEach((fold, k) => {
+    const row = document.createElement("tr");
+    const score = fold.recorded_score ? `${fold.recorded_score.key} ${fold.recorded_score.value}` : "–";
+    const alone = labeled && calibration.fold_accuracy.length ? formatPercent(calibration.fold_accuracy[k]) : "–";
+    for (const text of [fold.name, fold.path, fold.sha256.slice(0, 12), score, alone]) {
+      const cell = document.createElement("td");
+      cell.textContent = text;
+      row.append(cell);
+    }
+    body.append(row);
+  });
+  $("#folds").hidden = model.fold_count <= 1;
+  $("#calibration").hidden = !calibration;
+  if (!calibration) return;
+  $("#calibration-text").textContent = labeled
+    ? `Scores are tempered by T = ${calibration.temperature} (${calibration.source}: ${calibration.reason}). ` +
+      `On ${calibration.held_out_images} held-out images: accuracy ${formatPercent(calibration.accuracy)}, ` +
+      `expected calibration error ${formatPercent(calibration.ece_before)} before, ` +
+      `${formatPercent(calibration.ece_after)} after; negative log-likelihood ` +
+      `${calibration.nll_before} before, ${calibration.nll_after} after.`
+    : `Scores are tempered by T = ${calibration.temperature} (${calibration.source}: ${calibration.reason}).`;
+  drawReliability(labeled ? calibration : null);
+  drawConfusion(labeled ? calibration.confusion : [], model.class_names);
+}
+
+function drawReliability(calibration) {
+  const svg = $("#reliability");
+  svg.replaceChildren();
+  svg.closest("figure").hidden = !calibration;
+  if (!calibration) return;
+  const size = 200, left = 15, top = 5;
+  svg.append(svgNode("rect", { x: left, y: top, width: size, height: size, fill: "none", stroke: "#888" }));
+  svg.append(svgNode("line", { x1: left, y1: top + size, x2: left + size, y2: top, stroke: "#888", "stroke-dasharray": 4 }));
+  const draw = (bins, style) => {
+    for (const bin of bins) {
+      if (!bin.count) continue;
+      const height = bin.accuracy * size;
+      svg.append(svgNode("rect", {
+        x: left + bin.lower * size, y: top + size - height, width: (bin.upper - bin.lower) * size, height,
+        ...style, "data-count": bin.count,
+      }));
+    }
+  };
+  draw(calibration.reliability_after, { class: "after", fill: "#1a5fb4", "fill-opacity": 0.75 });
+  draw(calibration.reliability_before, { class: "before", fill: "none", stroke: "#a51d2d", "stroke-width": 1.5 });
+  svg.setAttribute("aria-label",
+    `Reliability diagram: expected calibration error ${formatPercent(calibration.ece_before)} before, ` +
+    `${formatPercent(calibration.ece_after)} after the temperature`);
+}
+
+function drawConfusion(matrix, names) {
+  const svg = $("#confusion");
+  svg.replaceChildren();
+  svg.closest("figure").hidden = !matrix.length;
+  if (!matrix.length) return;
+  const size = 200, left = 15, top = 5, cell = size / matrix.length;
+  const most = Math.max(1, ...matrix.flat());
+  matrix.forEach((row, truth) => row.forEach((count, answer) => {
+    const shade = svgNode("rect", {
+      x: left + answer * cell, y: top + truth * cell, width: cell, height: cell,
+      fill: count ? "#1a5fb4" : "#f4f4f4", "fill-opacity": count ? 0.15 + 0.85 * count / most : 1,
+    });
+    const title = svgNode("title", {});
+    title.textContent = `true ${names[truth]}, answered ${names[answer]}: ${count}`;
+    shade.append(title);
+    svg.append(shade);
+  }));
+  const right = matrix.reduce((sum, row, i) => sum + row[i], 0);
+  const total = matrix.flat().reduce((a, b) => a + b, 0);
+  svg.setAttribute("aria-label", `Confusion matrix: ${right} of ${total} held-out images answered right`);
+}
+
 function formatPercent(score) {
   // one decimal, the same rounding everywhere; the exact score is in the title and data-score
   return `${(score * 100).toFixed(1)}%`;
@@ -129,15 +221,111 @@ function renderLabels(card, body) {
     const fill = document.createElement("span");
     fill.style.width = `${Math.max(0, Math.min(1, item.score)) * 100}%`;
     bar.append(fill);
+    if (item.spread !== null && item.spread !== undefined) {
+      // the folds' disagreement: score ± one standard deviation across them
+      const low = Math.max(0, item.score - item.spread), high = Math.min(1, item.score + item.spread);
+      const whisker = document.createElement("span");
+      whisker.className = "spread";
+      whisker.style.left = `${low * 100}%`;
+      whisker.style.width = `${(high - low) * 100}%`;
+      whisker.title = `± ${formatPercent(item.spread)} across ${body.model.folds} folds`;
+      value.textContent += ` ± ${(item.spread * 100).toFixed(1)}`;
+      row.dataset.spread = String(item.spread);
+      bar.append(whisker);
+    }
     row.append(head, bar);
     list.append(row);
   }
+  const unsure = card.querySelector(".uncertain");
+  unsure.hidden = !body.uncertain;
+  unsure.textContent = body.uncertain && body.predictions.length
+    ? `Not sure: the best guess, ${body.predictions[0].label.replaceAll("_", " ")}, scores only ` +
+      `${formatPercent(body.predictions[0].score)}. Treat it as a guess.`
+    : "Not sure: no label scored high enough.";
+  card.querySelector(".why").hidden = !body.predictions.length;
   const kind = body.model.multi_label ? "labels above the threshold" : "most likely first";
   card.querySelector(".status").textContent = body.predictions.length
     ? `Result (${kind}):`
     : "No label scored above the threshold.";
   card.querySelector(".meta").textContent =
     `${body.model.architecture} · ${Math.round(body.timing.total_ms)} ms on the server`;
+}
+
+async function toggleWhy(card, file) {
+  const on = card.querySelector(".why-toggle").checked;
+  const canvas = card.querySelector(".overlay");
+  const preview = card.querySelector(".preview");
+  if (!on) {
+    canvas.hidden = true;
+    preview.hidden = false;
+    return;
+  }
+  if (!canvas.dataset.box) {
+    const form = new FormData();
+    form.append("file", file, file.name);
+    const status = card.querySelector(".status");
+    status.textContent = "Working out why…";
+    let body = null, response = null;
+    try {
+      response = await fetch("api/v1/predict?explain=true", { method: "POST", body: form, headers: headers() });
+      body = await response.json();
+    } catch (error) {
+      body = null;
+    }
+    if (!response || !response.ok || !body || !body.explanation) {
+      const problem = (body && body.error) || { code: "network", message: "" };
+      status.textContent = problem.code === "explain_busy"
+        ? "Explanations are busy right now. Try the toggle again in a moment."
+        : plainWords(problem.code, problem.message);
+      card.querySelector(".why-toggle").checked = false;
+      return;
+    }
+    status.textContent = `Why ${body.explanation.label.replaceAll("_", " ")}: the warm regions spoke most for it.`;
+    await drawOverlay(canvas, preview, body.explanation);
+  }
+  preview.hidden = true;
+  canvas.hidden = false;
+}
+
+function loaded(image) {
+  return image.complete && image.naturalWidth
+    ? Promise.resolve(image)
+    : new Promise((resolve, reject) => { image.onload = () => resolve(image); image.onerror = reject; });
+}
+
+async function drawOverlay(canvas, preview, explanation) {
+  // the photo, and over the part the model saw (the crop box) the heatmap, warm where it counted
+  const photo = await loaded(preview);
+  const scale = Math.min(1, 640 / Math.max(photo.naturalWidth, photo.naturalHeight));
+  canvas.width = Math.round(photo.naturalWidth * scale);
+  canvas.height = Math.round(photo.naturalHeight * scale);
+  const context = canvas.getContext("2d");
+  context.drawImage(photo, 0, 0, canvas.width, canvas.height);
+  // a blob: URL, which the page's content security policy allows (data: URLs it does not)
+  const bytes = Uint8Array.from(atob(explanation.heatmap_png), (c) => c.charCodeAt(0));
+  const source = URL.createObjectURL(new Blob([bytes], { type: "image/png" }));
+  const heat = await loaded(Object.assign(new Image(), { src: source }));
+  URL.revokeObjectURL(source);
+  const layer = document.createElement("canvas");
+  layer.width = explanation.width;
+  layer.height = explanation.height;
+  const ink = layer.getContext("2d");
+  ink.drawImage(heat, 0, 0);
+  const pixels = ink.getImageData(0, 0, layer.width, layer.height);
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    const v = pixels.data[i] / 255;
+    pixels.data[i] = 255;
+    pixels.data[i + 1] = Math.round(220 * v);
+    pixels.data[i + 2] = 0;
+    pixels.data[i + 3] = Math.round(200 * v);
+  }
+  ink.putImageData(pixels, 0, 0);
+  const [x0, y0, x1, y1] = explanation.box.map((v) => v * scale);
+  context.drawImage(layer, x0, y0, x1 - x0, y1 - y0);
+  canvas.dataset.box = explanation.box.join(",");
+  canvas.dataset.layer = explanation.layer;
+  canvas.setAttribute("role", "img");
+  canvas.setAttribute("aria-label", `Heatmap of why the model answered ${explanation.label}`);
 }
 
 function renderError(card, code, message, file) {
@@ -196,6 +384,10 @@ function addCard(file) {
   } else {
     preview.remove();
   }
+  card.querySelector(".why-toggle").addEventListener("change", () =>
+    toggleWhy(card, file).catch(() => {
+      card.querySelector(".status").textContent = "The heatmap could not be drawn.";
+    }));
   $("#results").prepend(card);
   return card;
 }

@@ -42,6 +42,7 @@ from api.engine.serving.admission import Admission
 from api.engine.serving.pipeline import (
     BatchRun,
     Classification,
+    Explanation,
     ImageDescription,
     StageObserver,
     Ticket,
@@ -50,6 +51,7 @@ from api.engine.serving.pipeline import (
     prepare_upload,
 )
 from api.errors import (
+    ExplainBusy,
     GatewayTimeout,
     InferenceFailed,
     ModelLoadBusy,
@@ -69,6 +71,8 @@ from api.remote.messages import (
     OK,
     Attach,
     Dropped,
+    Explain,
+    Explained,
     Heartbeat,
     Hello,
     Load,
@@ -99,6 +103,8 @@ class EngineLink:
         self.admission = Admission(options.max_queue)
         self._metrics: deque[asyncio.Future[bytes]] = deque()
         self._loads: dict[int, asyncio.Future[Loaded]] = {}
+        # explanations awaited: each holds its slot until the engine answers (it writes the heatmap there)
+        self._explains: dict[int, tuple[asyncio.Future[tuple[Explained, np.ndarray]], PendingJob]] = {}
         self._unsent: Counter[tuple[int, int]] = Counter()  # requests per (epoch, generation) not sent yet
         self._switching: int | None = None  # a generation to confirm once no older job is unsent
         self._ids = itertools.count(1)
@@ -222,6 +228,53 @@ class EngineLink:
         served = answers[-1][2] if answers else view.served
         outcomes = outcomes_in_order(infos, [(s, run) for s, run, _ in answers], served, self._observer, top_k)
         return Classification(outcomes, prepared_at, served)
+
+    async def explain(self, upload: Upload, label: int, *, deadline: float) -> Explanation:
+        """A Grad-CAM heatmap of `label` for `upload`, from the engine's explaining process
+        (api/remote/host/explainer.py): 503 ExplainBusy beyond API_MAX_EXPLANATIONS, 504 past `deadline`."""
+        view = self.view
+        assert view is not None, "no engine has been connected yet"
+        prepared = await self._prepare(view, upload, deadline)
+        if isinstance(prepared, RequestError):
+            raise prepared
+        info, job = prepared
+        try:
+            await self._engine_within(deadline, view)
+        except RequestError:
+            self._release(job)
+            raise
+        connection = self.connection
+        assert connection is not None
+        token = next(self._ids)
+        future: asyncio.Future[tuple[Explained, np.ndarray]] = asyncio.get_running_loop().create_future()
+        self._explains[token] = (future, job)
+        try:
+            wire.send(
+                connection.sock, Explain(token, view.generation, job.slot, job.height, job.width, job.resize, label)
+            )
+        except OSError:
+            self._lose(self.lost_reason)
+        try:
+            answer, heatmap = await asyncio.wait_for(asyncio.shield(future), max(deadline - time.monotonic(), 0))
+        except TimeoutError:  # its slot stays taken until the engine answers
+            future.add_done_callback(lambda done: done.cancelled() or done.exception())  # retrieved: no warning
+            raise GatewayTimeout.unanswered(self.options.request_timeout_s) from None
+        if answer.status == 503:
+            raise ExplainBusy(answer.error or "busy", retry_after_s=1)
+        if answer.status != 200:
+            raise InferenceFailed(answer.error or "the explanation failed (see the engine's log)")
+        box = view.recipe.source_box(info.width, info.height)
+        return Explanation(heatmap, box, answer.layer, answer.seconds, answer.memory_mb)
+
+    def _explained(self, answer: Explained) -> None:
+        entry = self._explains.pop(answer.token, None)
+        if entry is None:
+            return
+        future, job = entry
+        heatmap = job.ring.heatmap(job.slot, answer.height, answer.width).copy() if answer.status == 200 else None
+        self._release(job)
+        if not future.done():
+            future.set_result((answer, heatmap if heatmap is not None else np.zeros((0, 0), np.uint8)))
 
     async def _engine_within(self, deadline: float, view: ModelView) -> None:
         """An engine to send to, waiting for one (restarting) until `deadline`; 503 when none came, or
@@ -391,6 +444,8 @@ class EngineLink:
                 load = self._loads.get(message.token)
                 if load is not None and not load.done():
                     load.set_result(message)
+            elif isinstance(message, Explained):
+                self._explained(message)
 
     def _answer(self, records: np.ndarray) -> None:
         for record in records:
@@ -429,6 +484,11 @@ class EngineLink:
         for load in self._loads.values():
             if not load.done():
                 load.set_exception(_engine_gone())
+        for future, job in self._explains.values():  # the engine will write no heatmap now
+            self._release(job)
+            if not future.done():
+                future.set_exception(_engine_gone())
+        self._explains.clear()
         self.lost_reason = reason
         self.lost.set()
 

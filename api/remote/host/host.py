@@ -49,6 +49,8 @@ from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
 from api.remote import wire
 from api.remote.entrypoints import EngineConfig
 from api.remote.host.aside import AsideFailed
+from api.remote.host.explainer import Explanations
+from api.remote.host.explainer import Request as ExplainRequest
 from api.remote.host.frontends import Frontend, RemoteJob
 from api.remote.host.prepare import prepare_beside
 from api.remote.host.rules import (
@@ -61,6 +63,8 @@ from api.remote.messages import (
     HEARTBEAT_S,
     Attach,
     Dropped,
+    Explain,
+    Explained,
     Heartbeat,
     Hello,
     Jobs,
@@ -108,6 +112,7 @@ class Host:
         self._batches = itertools.count(1)
         self.progress = 0  # batches run (the heartbeat's progress counter)
         self._retiring: list[threading.Thread] = []
+        self.explanations = Explanations(config.batching.max_explanations)
 
     @property
     def engine(self) -> Engine:
@@ -136,6 +141,7 @@ class Host:
         try:
             self._serve()
         finally:
+            self.explanations.close()
             for retiring in self._retiring:
                 retiring.join()
             for served in self.engines.values():
@@ -325,6 +331,8 @@ class Host:
             self.swapper.request(frontend, message.token, message.checkpoint, self.engine.served.version)
         elif isinstance(message, Switched):
             self.swapper.switched(frontend)
+        elif isinstance(message, Explain):
+            self._explain(frontend, message)
         else:
             logger.warning(
                 "front-end %d sent %s, which goes the other way: ignored", frontend.index, type(message).__name__
@@ -381,6 +389,19 @@ class Host:
             self._flush()
         if jobs and engine is not None:
             engine.batcher.submit(jobs)
+
+    def _explain(self, frontend: Frontend, message: Explain) -> None:
+        ring, engine = frontend.ring, self.engines.get(message.generation)
+        if ring is None or engine is None or message.slot >= ring.slots:
+            answer = Explained(message.token, 503, "the model it was prepared for is no longer served; retry")
+            with contextlib.suppress(OSError):
+                wire.send(frontend.sock, answer)
+            return
+        if message.height * message.width * 3 > ring.layout.pixel_bytes:
+            self.drop(frontend, f"front-end {frontend.index}: an explanation points outside its ring; disconnected")
+            return
+        pixels = ring.pixels(message.slot, message.height, message.width).copy()
+        self.explanations.ask(ExplainRequest(frontend, message, ring, pixels, engine.model, engine.served.version))
 
     def _leave(self, frontend: Frontend) -> None:
         frontend.closed = True  # its queued jobs are dropped; its ring goes with the last view of it
