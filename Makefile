@@ -11,7 +11,7 @@ CHECKOV_VERSION := 3.3.30
 DEMO_DIR := models/demo
 DEMO_EVAL_DIR := models/demo-eval
 
-.PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap bench-precision demo-model doctor wheelhouse docker-build docker-up docker-down clean
+.PHONY: install run test test-fast lock lint format bench bench-frontend bench-protocol bench-swap bench-precision bench-trust demo-model doctor wheelhouse docker-build docker-up docker-down clean
 
 install: $(STAMP)
 
@@ -98,6 +98,9 @@ bench-protocol: $(STAMP)
 # service at INT8 against bf16 in one run: artifacts/bench/precision.json.
 bench-precision: $(STAMP)
 	$(BIN)/python -m bench.precision
+
+bench-trust: $(STAMP)
+	$(BIN)/python -m bench.trust
 
 bench-swap: $(STAMP)
 	$(BIN)/python -m bench.swap

