@@ -134,7 +134,7 @@ class Settings(BaseSettings):
         ge=1,
         le=64,
         description="explain=true requests admitted at once over the service (waiting or running, one at a time, "
-        "in a process of their own at a lower priority); beyond: 503 with Retry-After.",
+        "in a process of their own at idle CPU priority); beyond: 503 with Retry-After.",
     )
     request_timeout_s: float = Field(30.0, gt=0, description="Deadline for an accepted request; beyond: 504.")
     num_threads: int | None = Field(

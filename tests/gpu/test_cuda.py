@@ -16,6 +16,7 @@ import torch
 
 from api.engine.images.decode import decode_image
 from api.engine.model.classifier import Classifier
+from tests.digits import IMAGE_SIZE, Digits
 from tests.helpers import IMAGENET_CATS, load_model, make_settings, running_server
 from tests.support import DECODE_BUDGET, scrape
 
@@ -70,6 +71,20 @@ def test_cuda_graph_replays_match_the_eager_pass_call_after_call(
     for jpegs in ([chelsea_jpeg], [coffee_jpeg], [coffee_jpeg, chelsea_jpeg, coffee_jpeg], [chelsea_jpeg] * 4):
         items = _prepared(eager, *jpegs)
         torch.testing.assert_close(graphed.forward(items), eager.forward(items), atol=2e-3, rtol=0)
+
+
+def test_a_fold_ensemble_on_cuda_is_one_graph_and_answers_as_on_the_cpu(digits: Digits) -> None:
+    """The digits' 3 folds: one CUDA graph per padded size replays all folds; the mean and the spread
+    agree with PyTorch fp32 on the CPU, and a labeled folder fits a temperature on the GPU too."""
+    from PIL import Image
+
+    gpu = load_model(digits.folds, image_size=IMAGE_SIZE, device="cuda", max_batch_size=8, eval_dir=digits.eval_dir)
+    cpu = load_model(
+        digits.folds, image_size=IMAGE_SIZE, device="cpu", temperature=gpu.describe()["calibration"]["temperature"]
+    )
+    assert gpu.runtime.graphs is not None and gpu.describe()["calibration"]["source"] == "fitted"
+    items = [gpu.prepare(Image.fromarray(image).convert("RGB")) for image in digits.images[:5]]
+    torch.testing.assert_close(gpu.forward(items), cpu.forward(items), atol=2e-3, rtol=0)
 
 
 def test_compiled_cuda_model_matches_eager(tiny_checkpoint: Path, chelsea_jpeg: bytes, coffee_jpeg: bytes) -> None:

@@ -33,6 +33,8 @@ def test_a_folder_of_folds_a_glob_and_a_pick(tmp_path: Path) -> None:
     assert fold_paths(tmp_path / "fold_1" / "best_model.pt") == [("best_model", expected[1][1])]
     with pytest.raises(ConfigError, match="API_FOLDS=fold_9: no fold named fold_9"):
         fold_paths(tmp_path, "fold_9")
+    with pytest.raises(ConfigError, match=r"API_FOLDS=fold_0 picks folds, but API_CHECKPOINT_PATH=.* names one"):
+        fold_paths(tmp_path / "fold_1" / "best_model.pt", "fold_0")
     with pytest.raises(Exception, match="matches no file"):
         fold_paths(tmp_path / "fold_*" / "model.safetensors")
 

@@ -38,9 +38,14 @@ def fold_paths(path: Path, pick: str | None = None) -> list[tuple[str, Path]]:
         folds = [(_fold_name(p, found), p) for p in found]
     elif path.is_dir() and not (path / "config.json").is_file():
         folds = [(sub.name, ckpt) for sub in sorted(path.iterdir()) if (ckpt := _fold_checkpoint(sub)) is not None]
-        if not folds:
-            return [(path.name, path)]  # not a folder of folds: the checkpoint reader names what is missing
+        if not folds:  # not a folder of folds: the checkpoint reader names what is missing
+            return [(path.name, path)]
     else:
+        if pick:
+            raise ConfigError(
+                f"API_FOLDS={pick} picks folds, but API_CHECKPOINT_PATH={path} names one checkpoint; point it at "
+                "the folder of folds (or a glob), or unset API_FOLDS"
+            )
         return [(path.stem if path.is_file() else path.name, path)]
     return _picked(folds, pick, path)
 

@@ -3,8 +3,8 @@
 Explanations run PyTorch forward and backward passes, tens of times the cost of a prediction. They
 must not starve predictions, so they run:
 - in a process of its own, started on the first explanation (the served model's folds read again as
-  PyTorch modules: the engine may serve OpenVINO and hold no PyTorch copy), niced (+10) and on one
-  thread: the predictions' threads get the CPU first;
+  PyTorch modules: the engine may serve OpenVINO and hold no PyTorch copy), at idle priority
+  (SCHED_IDLE: it runs only on CPU time nothing else wants) and on one thread;
 - one at a time, at most API_MAX_EXPLANATIONS admitted at once over every front-end (waiting or
   running): beyond, 503 with Retry-After, at once;
 - for the model that answered: after a swap the process is replaced by one for the new model.
@@ -147,7 +147,11 @@ class Worker:
     @classmethod
     def start(cls, model: ModelSettings, version: str) -> Worker:
         process = subprocess.Popen(
-            entrypoints.command(entrypoints.EXPLAIN), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None
+            entrypoints.command(entrypoints.EXPLAIN),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},  # the CPU only: a GPU's memory is the engine's
         )
         worker = cls(process, version)
         assert process.stdin is not None and process.stdout is not None
@@ -197,12 +201,17 @@ def _read(pipe: IO[bytes]) -> Any:
 
 
 def main() -> int:
-    """The explaining process: niced, one thread, dies with the engine."""
+    """The explaining process: idle priority, one thread, dies with the engine."""
     parent = os.getppid()
     ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     if os.getppid() != parent:
         return EXIT_LOAD_FAILED
-    os.nice(10)
+    # SCHED_IDLE: the CPU only when nothing else of the host wants it (predictions first, always);
+    # where the scheduler refuses it, the lowest niceness
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        os.nice(19)
     logging.basicConfig(level=logging.WARNING, format="explain: %(levelname)s %(name)s: %(message)s")
     import torch
 
