@@ -12,6 +12,7 @@
    explaining process started), its own compute time and CPU seconds per image (from /proc), the
    explaining process's memory; predictions' p50/p99 under 16 connections alone and while another
    process asks for explanations back to back, at their limit (API_MAX_EXPLANATIONS=1), alternated.
+   And Grad-CAM alone on one thread for resnet50, one fold and three (explain-cost).
 
 Results: printed, and artifacts/bench/trust.json with the stamp.
 """
@@ -221,11 +222,32 @@ def explanations(checkpoint: Path, cache: Path, requests: int, explains: int) ->
         server.stop()
 
 
+def explain_costs(folder: Path, repeats: int) -> dict[str, Any]:
+    """Grad-CAM alone, on one thread as the explaining process runs it: resnet50 (67 classes), one fold and three."""
+    from PIL import Image
+
+    from api.config import Settings
+    from api.engine.model.explain import load_explainer
+
+    torch.set_num_threads(1)
+    folds = write_folds(folder, "resnet50", 67, 3)
+    photo = Image.open(__import__("io").BytesIO(images()["chelsea_451x300"])).convert("RGB")
+    out = {}
+    for name, path in (("resnet50, 1 fold", folds / "fold_0" / "best_model.pt"), ("resnet50, 3 folds", folds)):
+        explainer = load_explainer(Settings(_env_file=None, checkpoint_path=path).model_group)  # type: ignore[call-arg]
+        pixels = explainer.recipe.pixels(photo)
+        explainer.explain(pixels, 0)
+        seconds = [explainer.explain(pixels, 0).seconds for _ in range(repeats)]
+        out[name] = {"p50_ms": round(1000 * statistics.median(seconds), 1), "layer": explainer.explain(pixels, 0).layer}
+        print(f"  Grad-CAM {name}: p50 {out[name]['p50_ms']} ms on one thread", flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=400, help="requests per service run")
     parser.add_argument("--explains", type=int, default=20)
-    parser.add_argument("--parts", default="digits,ensemble,int8,explain")
+    parser.add_argument("--parts", default="digits,ensemble,int8,explain,explain-cost")
     args = parser.parse_args()
     parts = set(args.parts.split(","))
     stamped = stamp.stamp()
@@ -280,6 +302,8 @@ def main() -> None:
             result["ratio"] = result["img_s"]["int8, 5 folds"] / result["img_s"]["torch fp32, 1 model"]
             out["five_folds_int8"] = result
             print(f"five folds INT8: {result['ratio']:.2f}x one resnet50 on PyTorch fp32 (target >= 1.0)", flush=True)
+        if "explain-cost" in parts:
+            out["explain_cost"] = explain_costs(folder / "explain", args.explains)
         if "explain" in parts:
             demo = write_demo_model(folder / "demo")
             out["explain"] = result = explanations(demo, cache, args.requests, args.explains)
