@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from api.cpu import cpu_budget
-from api.engine.model.labels import CAT_BREEDS
+from api.engine.model.files.labels import CAT_BREEDS
 from api.engine.serving.batching import IDLE_TRIM_S
 from bench import report, stamp
 from bench.ceiling import Ceiling

@@ -27,7 +27,7 @@ import timm
 import torch
 from PIL import Image
 
-from api.engine.model.labels import CAT_BREEDS
+from api.engine.model.files.labels import CAT_BREEDS
 from bench import stamp
 from tests.support import BIN, process_env, served_process
 

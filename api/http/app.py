@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import __version__
 from api.config import HttpSettings, Settings
-from api.engine.model.evaluation import Evaluation
+from api.engine.model.measure.evaluation import Evaluation
 from api.engine.serving.pipeline import Pipeline
 from api.errors import (
     EXIT_LOAD_FAILED,
@@ -104,15 +104,17 @@ def _log_ready(engine: Pipeline, settings: Settings) -> None:
         "event": "ready",
         **{k: v for k, v in described.items() if k != "class_names"},
         "checkpoint_sha256": described["checkpoint_sha256"][:12],
+        "calibration": _calibration_brief(described.get("calibration")),  # its tables: GET /api/v1/model
         "max_upload_mb": settings.max_upload_mb,
         "api_key": "set" if settings.api_key is not None else "not set",
     }
     logger.info(
-        "model ready: %s, %d classes (labels: %s), %s %s on %s, %s %s (%s; %s), loaded and warmed up in %.2fs; "
+        "model ready: %s, %d classes (labels: %s)%s, %s %s on %s, %s %s (%s; %s), loaded and warmed up in %.2fs; "
         "batches <= %d, queue <= %d, deadline %gs, uploads <= %g MiB (decode <= %d MB), API key %s%s",
         described["architecture"],
         described["num_classes"],
         described["labels_source"],
+        f", {described['fold_count']} folds as one model" if described.get("fold_count", 1) > 1 else "",
         described["checkpoint_path"],
         described["checkpoint_format"],
         described["device"],
@@ -130,6 +132,22 @@ def _log_ready(engine: Pipeline, settings: Settings) -> None:
         _measured(described.get("evaluation")),
         extra=summary,
     )
+
+
+def _calibration_brief(calibration: dict[str, Any] | None) -> dict[str, Any] | None:
+    if calibration is None:
+        return None
+    keep = (
+        "temperature",
+        "source",
+        "held_out_images",
+        "accuracy",
+        "ece_before",
+        "ece_after",
+        "nll_before",
+        "nll_after",
+    )
+    return {k: calibration[k] for k in keep}
 
 
 def _measured(evaluation: dict[str, Any] | None) -> str:

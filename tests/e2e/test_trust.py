@@ -123,6 +123,10 @@ def test_the_model_page_data_lists_folds_and_the_fitted_temperature(server: Serv
     assert calibration["source"] == "fitted" and calibration["ece_after"] <= calibration["ece_before"]
     assert len(calibration["reliability_after"]) == 15 and len(calibration["confusion"]) == 10
     assert len(calibration["fold_accuracy"]) == 3
+    ready = next(r for r in server.records() if r.get("event") == "ready")
+    assert "3 folds as one model" in ready["message"]
+    assert ready["calibration"]["temperature"] == calibration["temperature"]
+    assert "confusion" not in ready["calibration"]  # its tables stay out of the log line
 
 
 def test_explain_returns_a_heatmap_on_the_digits_own_strokes(server: ServerProcess, digits: Digits) -> None:

@@ -15,8 +15,8 @@ from PIL import Image
 
 from api.engine.model.choice import MeasurementNeeded
 from api.engine.model.classifier import Classifier
-from api.engine.model.evalset import MIN_HELD_OUT, scan
 from api.engine.model.loader import load_classifier
+from api.engine.model.measure.evalset import MIN_HELD_OUT, scan
 from api.engine.model.runtimes.openvino_runtime import OpenVINORuntime, executed_precision
 from api.ops.demo import crops
 from tests.helpers import load_model, model_settings

@@ -18,7 +18,7 @@ import pytest
 import timm
 import torch
 
-from api.engine.model.labels import CAT_BREEDS
+from api.engine.model.files.labels import CAT_BREEDS
 from tests import loadgen
 from tests.helpers import CLI, ServerProcess, eventually, served_process
 from tests.loadgen import Outcome, post

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from api.config import load_settings
-from api.engine.model.evalset import MIN_HELD_OUT, scan
-from api.engine.model.evaluation import Candidate, Evaluation, choose, judge
+from api.engine.model.measure.evalset import MIN_HELD_OUT, scan
+from api.engine.model.measure.evaluation import Candidate, Evaluation, choose, judge
 from api.errors import ConfigError
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from api.engine.model.labels import CAT_BREEDS, resolve_class_names
+from api.engine.model.files.labels import CAT_BREEDS, resolve_class_names
 from api.errors import CheckpointMismatch, CheckpointUnreadable
 from tests.helpers import load_model, tiny_model
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from api.engine.model.folds import weights_bytes
+from api.engine.model.files.folds import weights_bytes
 from api.errors import ModelLoadError
 from api.remote import messages, wire
 from api.remote.host.rules import (

@@ -8,9 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from api.engine.model.calibration import calibrate, expected_calibration_error, fit_temperature, reliability, temper
 from api.engine.model.ensemble import check_folds, ensemble_sha256
-from api.engine.model.folds import fold_paths
+from api.engine.model.files.folds import fold_paths
+from api.engine.model.measure.calibration import (
+    calibrate,
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+    temper,
+)
 from api.engine.model.runtimes.base import Head
 from api.errors import CheckpointMismatch, ConfigError
 

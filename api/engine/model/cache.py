@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from api.engine.model.checkpoint import file_sha256
+from api.engine.model.files.checkpoint import file_sha256
 
 logger = logging.getLogger(__name__)
 

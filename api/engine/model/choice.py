@@ -1,6 +1,6 @@
 """API_RUNTIME and API_PRECISION -> the runtime that serves, built, and why.
 
-PyTorch on CUDA and MPS. On a CPU, the candidates (api/engine/model/evaluation.py) are measured once
+PyTorch on CUDA and MPS. On a CPU, the candidates (api/engine/model/measure/evaluation.py) are measured once
 and the outcome remembered in the model cache, keyed by the checkpoint, the evaluation folder's
 digest, the CPU and the runtimes' versions; OpenVINO's converted and quantized models are cached
 beside it. Measuring runs TorchScript-free Python for seconds to a minute (conversion, NNCF's
@@ -21,12 +21,12 @@ import torch
 
 from api.config import ModelSettings
 from api.engine.images.recipe import Recipe
-from api.engine.model import evalset
 from api.engine.model.cache import ModelCache
-from api.engine.model.calibration import METHOD as CALIBRATION_METHOD
-from api.engine.model.calibration import Calibration, calibrate
-from api.engine.model.checkpoint import Checkpoint
-from api.engine.model.evaluation import Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
+from api.engine.model.files.checkpoint import Checkpoint
+from api.engine.model.measure import evalset
+from api.engine.model.measure.calibration import METHOD as CALIBRATION_METHOD
+from api.engine.model.measure.calibration import Calibration, calibrate
+from api.engine.model.measure.evaluation import Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
 from api.engine.model.runtimes import openvino_runtime
 from api.engine.model.runtimes.base import Head, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name
 from api.engine.model.runtimes.null_runtime import NullRuntime

@@ -14,8 +14,8 @@ from PIL import Image
 
 from api.engine.images.device_resize import resize_crop
 from api.engine.images.recipe import Recipe
-from api.engine.model.checkpoint import Checkpoint
 from api.engine.model.ensemble import Fold
+from api.engine.model.files.checkpoint import Checkpoint
 from api.engine.model.runtimes.base import Runtime
 from api.engine.model.served import Served
 

@@ -2,8 +2,9 @@
 
 `load_classifier(ModelSettings)` is the loader; what it returns is complete and immutable
 (api/engine/model/classifier.py). A folder (or glob) of k folds is read fold by fold and served as
-one model (api/engine/model/folds.py, ensemble.py). The runtime and precision (API_RUNTIME, API_PRECISION, API_EVAL_DIR)
-are chosen by api/engine/model/choice.py: PyTorch on CUDA and MPS; on a CPU, by measurement.
+one model (api/engine/model/files/folds.py, ensemble.py). The runtime and precision (API_RUNTIME,
+API_PRECISION, API_EVAL_DIR) are chosen by api/engine/model/choice.py: PyTorch on CUDA and MPS; on a
+CPU, by measurement.
 """
 
 from __future__ import annotations
@@ -18,13 +19,13 @@ import torch
 from PIL import Image
 
 from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES, ModelSettings
-from api.engine.model.checkpoint import Checkpoint, read_checkpoint
 from api.engine.model.choice import Built, Plan, choose_runtime
 from api.engine.model.classifier import Classifier
 from api.engine.model.device import resolve_device
 from api.engine.model.ensemble import Fold, FoldEnsemble, check_folds, common_folder, ensemble_sha256
-from api.engine.model.folds import fold_paths
-from api.engine.model.labels import resolve_class_names
+from api.engine.model.files.checkpoint import Checkpoint, read_checkpoint
+from api.engine.model.files.folds import fold_paths
+from api.engine.model.files.labels import resolve_class_names
 from api.engine.model.preprocess import build_transform, split_transform
 from api.engine.model.runtimes.base import Head
 from api.engine.model.runtimes.torch_runtime import TorchRuntime

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from api.config import ModelSettings
-from api.engine.model.folds import weights_bytes
+from api.engine.model.files.folds import weights_bytes
 from api.errors import EXIT_LOAD_FAILED, ModelLoadError
 from api.remote import entrypoints
 from api.remote.host.aside import run_aside

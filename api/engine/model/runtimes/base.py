@@ -59,7 +59,9 @@ class Head:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     multi_label: bool = False
-    temperature: float = 1.0  # fitted on a labeled API_EVAL_DIR, or API_TEMPERATURE (api/engine/model/calibration.py)
+    temperature: float = (
+        1.0  # fitted on a labeled API_EVAL_DIR, or API_TEMPERATURE (api/engine/model/measure/calibration.py)
+    )
     per_fold: bool = False
 
     def scores(self, logits: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ import safetensors.torch
 import torch
 from timm.models import clean_state_dict
 
-from api.engine.model.labels import names_from_mapping
+from api.engine.model.files.labels import names_from_mapping
 from api.errors import CheckpointNotFound, CheckpointUnreadable, UnsafeCheckpoint, first_line
 
 logger = logging.getLogger(__name__)

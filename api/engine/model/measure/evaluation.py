@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from api.engine.model.evalset import MIN_HELD_OUT
+from api.engine.model.measure.evalset import MIN_HELD_OUT
 
 Spec = tuple[str, str]  # (runtime, precision)
 REFERENCE: Spec = ("torch", "fp32")  # what every candidate's answers are compared with
