@@ -25,7 +25,7 @@ from api.engine.model.cache import ModelCache
 from api.engine.model.files.checkpoint import Checkpoint
 from api.engine.model.measure import evalset
 from api.engine.model.measure.calibration import METHOD as CALIBRATION_METHOD
-from api.engine.model.measure.calibration import Calibration, calibrate
+from api.engine.model.measure.calibration import Calibration, calibrate, unmeasured
 from api.engine.model.measure.evaluation import Candidate, Evaluation, Spec, choose, judge, scores_of, time_runtimes
 from api.engine.model.runtimes import openvino_runtime
 from api.engine.model.runtimes.base import Head, Runtime, batch_buckets, cpu_has_bf16, cpu_model_name
@@ -131,7 +131,7 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     if len(specs) == 1 and images is None:  # nothing to choose, nothing to judge
         runtime, prec = specs[0]
         built = _build(plan, specs[0], cache, images)
-        calibration = _pinned(plan.settings.temperature)
+        calibration = unmeasured(plan.settings.temperature)
         return Choice(
             _tempered(built, calibration),
             f"API_RUNTIME={asked}: {runtime}{obstacle}",
@@ -168,10 +168,6 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     return Choice(_tempered(chosen, calibration), runtime_reason, evaluation.reason, evaluation, calibration)
 
 
-def _pinned(temperature: float | None) -> Calibration:
-    return calibrate(np.zeros((0, 1)), None, fit=0, pinned=temperature)
-
-
 def _tempered(runtime: Runtime, calibration: Calibration) -> Runtime:
     """The runtime with the calibrated temperature in its head (scores only: the compiled model is the same)."""
     head = getattr(runtime, "head", None)
@@ -185,7 +181,7 @@ def _calibrate_here(plan: Plan, runtime: TorchRuntime) -> Calibration:
     folder = plan.settings.eval_dir
     images = evalset.scan(folder) if folder is not None else None
     if images is None or images.labels is None:
-        return _pinned(plan.settings.temperature)
+        return unmeasured(plan.settings.temperature)
     pixels, labels = _eval_pixels(plan, images)
     return _calibration(plan, runtime, pixels, labels, images.calibration)[0]
 
@@ -302,7 +298,7 @@ def _measure(
     specs = list(runtimes)
     rates = time_runtimes(runtimes, plan.built.input_size, plan.settings.max_batch_size)
     candidates = [Candidate(runtime, precision, rates[(runtime, precision)]) for runtime, precision in specs]
-    tempering = _pinned(plan.settings.temperature)
+    tempering = unmeasured(plan.settings.temperature)
     if images is not None:
         held = pixels[calibration:]
         batch, classes = plan.settings.max_batch_size, len(plan.built.class_names)

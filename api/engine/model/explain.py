@@ -35,6 +35,10 @@ class Heatmap:
     layer: str  # the stage(s) explained at, comma-separated where folds differ
     seconds: float
 
+    def gray(self) -> np.ndarray:
+        """H x W uint8, 255 where the evidence is strongest: what answers carry (a PNG)."""
+        return np.round(self.values * 255).astype(np.uint8)
+
 
 class GradCam:
     """Grad-CAM of `folds` (PyTorch modules on the CPU, fp32) for images prepared by `recipe`."""

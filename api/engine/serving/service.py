@@ -205,8 +205,7 @@ class Engine:
                     self._explainer = load_explainer(self.model)
                 heatmap = self._explainer.explain(pixels, label)
                 box = self.classifier.split.source_box(info.width, info.height)
-                values = np.round(heatmap.values * 255).astype(np.uint8)
-                return Explanation(values, box, heatmap.layer, heatmap.seconds, _resident_mb())
+                return Explanation(heatmap.gray(), box, heatmap.layer, heatmap.seconds, _resident_mb())
 
             return await asyncio.wait_for(asyncio.to_thread(run), max(deadline - time.monotonic(), 0))
         finally:

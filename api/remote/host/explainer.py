@@ -76,7 +76,7 @@ class Explanations:
             if not busy:
                 self._admitted += 1
         if busy:
-            _send(
+            send_answer(
                 request.frontend,
                 Explained(
                     request.message.token,
@@ -105,7 +105,7 @@ class Explanations:
             finally:
                 with self._lock:
                     self._admitted -= 1
-            _send(request.frontend, answer)
+            send_answer(request.frontend, answer)
 
     def _explain(self, request: Request) -> Explained:
         worker = self._process
@@ -119,11 +119,12 @@ class Explanations:
         height, width = heatmap.shape
         if message.slot >= request.ring.slots or height * width > request.ring.layout.pixel_bytes:
             raise RuntimeError("the heatmap does not fit the request's ring slot")
-        request.ring.heatmap(message.slot, height, width)[...] = np.round(heatmap * 255).astype(np.uint8)
+        request.ring.heatmap(message.slot, height, width)[...] = heatmap
         return Explained(message.token, 200, None, height, width, layer, seconds, worker.rss_mb())
 
 
-def _send(frontend: Frontend, message: Explained) -> None:
+def send_answer(frontend: Frontend, message: Explained) -> None:
+    """Send an explanation's answer to its front-end, under the lock its batch replies are sent under."""
     with frontend.lock:  # the inference threads send replies on this socket too
         if frontend.closed:
             return
@@ -134,7 +135,7 @@ def _send(frontend: Frontend, message: Explained) -> None:
 
 
 class Worker:
-    """The explaining process: settings in, then (pixels, label, resize) -> (heatmap, layer, seconds)."""
+    """The explaining process: settings in, then (pixels, label, resize) -> (H x W uint8 heatmap, layer, seconds)."""
 
     def __init__(self, process: subprocess.Popen[bytes], version: str):
         self.process = process
@@ -239,7 +240,7 @@ def main() -> int:
 
                 pixels = explainer.recipe.pixels(Image.fromarray(pixels))
             heatmap = explainer.explain(pixels, label)
-            _write(stdout, ("ok", heatmap.values, heatmap.layer, heatmap.seconds))
+            _write(stdout, ("ok", heatmap.gray(), heatmap.layer, heatmap.seconds))
         except Exception as error:
             _write(stdout, ("failed", first_line(error)))
 

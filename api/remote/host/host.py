@@ -51,6 +51,7 @@ from api.remote.entrypoints import EngineConfig
 from api.remote.host.aside import AsideFailed
 from api.remote.host.explainer import Explanations
 from api.remote.host.explainer import Request as ExplainRequest
+from api.remote.host.explainer import send_answer as explained
 from api.remote.host.frontends import Frontend, RemoteJob
 from api.remote.host.prepare import prepare_beside
 from api.remote.host.rules import (
@@ -393,9 +394,9 @@ class Host:
     def _explain(self, frontend: Frontend, message: Explain) -> None:
         ring, engine = frontend.ring, self.engines.get(message.generation)
         if ring is None or engine is None or message.slot >= ring.slots:
-            answer = Explained(message.token, 503, "the model it was prepared for is no longer served; retry")
-            with contextlib.suppress(OSError):
-                wire.send(frontend.sock, answer)
+            explained(
+                frontend, Explained(message.token, 503, "the model it was prepared for is no longer served; retry")
+            )
             return
         if message.height * message.width * 3 > ring.layout.pixel_bytes:
             self.drop(frontend, f"front-end {frontend.index}: an explanation points outside its ring; disconnected")

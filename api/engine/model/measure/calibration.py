@@ -137,6 +137,13 @@ def fit_temperature(probabilities: np.ndarray, labels: np.ndarray) -> float:
     return float(np.clip(log_t.exp().item(), 0.05, 20.0))
 
 
+def unmeasured(pinned: float | None) -> Calibration:
+    """The temperature where no labeled image measures it: API_TEMPERATURE, else 1."""
+    if pinned is not None:
+        return Calibration(pinned, "pinned", reason="API_TEMPERATURE; no labeled held-out images to measure it on")
+    return Calibration(1.0, "none", reason="no labeled API_EVAL_DIR: scores are the model's own")
+
+
 def calibrate(
     probabilities: np.ndarray,
     labels: np.ndarray | None,
@@ -151,9 +158,7 @@ def calibrate(
     `labels`: each image's class index (-1: a class the model does not have), None when unlabeled.
     `fold_probabilities` (N x k x C): each fold's own, for the folds' accuracy alone."""
     if labels is None or not (labels[fit:] >= 0).any():
-        if pinned is not None:
-            return Calibration(pinned, "pinned", reason="API_TEMPERATURE; no labeled held-out images to measure it on")
-        return Calibration(1.0, "none", reason="no labeled API_EVAL_DIR: scores are the model's own")
+        return unmeasured(pinned)
     known = labels >= 0
     fit_known = np.flatnonzero(known[:fit])
     held = fit + np.flatnonzero(known[fit:])

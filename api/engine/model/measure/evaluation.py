@@ -22,7 +22,6 @@ import numpy as np
 from api.engine.model.measure.evalset import MIN_HELD_OUT
 
 Spec = tuple[str, str]  # (runtime, precision)
-REFERENCE: Spec = ("torch", "fp32")  # what every candidate's answers are compared with
 TIMED_PASSES = 3  # per candidate, interleaved, after one untimed pass each
 
 
