@@ -9,6 +9,9 @@ and the batch loop are all that costs. Runs on a 2-CPU machine; reports CPU per 
    127.0.0.1: 451x300 and 1600x1066 JPEGs, resize in the front-end (the CPU path) and on the engine
    (what a GPU engine does), with 1 and 2 front-ends. CPU milliseconds per image, read from /proc
    (utime + stime) for the front-ends, the engine and the load generator separately.
+3. Where one front-end's CPU goes, per image and step, for both photos (bench/breakdown.py: py-spy's
+   samples of the event loop, the decode threads' steps timed on their own CPU clock), and the same
+   service with API_RESIZE=exact beside it: what the fast resize saves.
 
 On 2 cores img/s measures the machine, not the design; the costs per image are what carry over to a
 16-CPU GPU host (front-ends = CPUs - 2 there).
@@ -17,12 +20,14 @@ On 2 cores img/s measures the machine, not the design; the costs per image are w
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -30,15 +35,16 @@ import skimage.data
 import torch
 from PIL import Image
 
+from api.engine.images.recipe import Recipe
 from api.remote import entrypoints
-from bench import stamp
+from bench import breakdown, stamp
 from tests.support import BIN, ServerProcess, cmdline, cpu_s, engine_pids, parse_metrics, process_tree, scrape
 
 IMAGES = {"451x300": (451, 300), "1600x1066": (1600, 1066)}
-TARGETS = {  # the issue's, for the report
+TARGETS = {  # the issues', for the report
     ("451x300", "engine"): 1.75,
-    ("451x300", "frontend"): 3.5,
-    ("1600x1066", "frontend"): 7.0,
+    ("451x300", "frontend"): 2.0,
+    ("1600x1066", "frontend"): 4.0,
 }
 
 
@@ -200,11 +206,16 @@ def serve_and_measure(
     connections: int,
     folder: Path,
     path: str = "/api/v1/predict",
+    resize: str = "fast",
+    profile: Path | None = None,
 ) -> dict[str, float]:
+    """One service's figures under wrk; with `profile`, py-spy records the (one) front-end during the
+    measured load and writes its samples there."""
     command = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
     env = {
         "API_CHECKPOINT_PATH": checkpoint, "API_RUNTIME": "null", "API_DEVICE": "cpu", "API_PREPROCESS": preprocess,
-        "WEB_CONCURRENCY": frontends, "API_MAX_QUEUE": 256, "API_MAX_BATCH_SIZE": 64, "LOG_LEVEL": "WARNING",
+        "WEB_CONCURRENCY": frontends, "API_MAX_QUEUE": 256, "API_MAX_BATCH_SIZE": 64, "LOG_LEVEL": "INFO",
+        "API_RESIZE": resize,
         "API_CACHE_DIR": folder / "cache", "MALLOC_ARENA_MAX": 2,
     }  # fmt: skip
     run_dir = Path(tempfile.mkdtemp(dir=folder))
@@ -220,7 +231,12 @@ def serve_and_measure(
         before = scrape(server.url)
         cpu0 = {pid: cpu_s(pid) for pid in [*workers, engine]}
         loop0 = sum(cpu_s(pid, pid) for pid in workers)  # each front-end's event loop runs on its main thread
-        _, elapsed = load(server.url + path, script, seconds, connections)
+        with contextlib.ExitStack() as stack:
+            if profile is not None:
+                pool = stack.enter_context(ThreadPoolExecutor(1))
+                samples = pool.submit(breakdown.record, workers[0], seconds - 1, profile)
+                stack.callback(samples.result)  # its errors surface after the load
+            _, elapsed = load(server.url + path, script, seconds, connections)
         cpu1 = {pid: cpu_s(pid) for pid in [*workers, engine]}
         loop1 = sum(cpu_s(pid, pid) for pid in workers)
         after = scrape(server.url)
@@ -249,6 +265,7 @@ def serve_and_measure(
 def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--skip-http", action="store_true")
+    parser.add_argument("--skip-breakdown", action="store_true", help="no section 3 (it needs py-spy and ptrace)")
     args = parser.parse_args(argv)
     folder = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     checkpoint, jpegs = write_inputs(folder)
@@ -289,6 +306,49 @@ def main(argv: list[str] | None = None) -> None:
         change = two["frontend_ms_per_image"] / one["frontend_ms_per_image"] - 1
         engine = two["engine_ms_per_image"] / max(one["engine_ms_per_image"], 1e-9) - 1
         print(f"  {rows[index][0]} resize in {rows[index][1]}: front-end {change:+.1%}, engine {engine:+.1%}")
+    if not args.skip_breakdown:
+        print_breakdown(checkpoint, jpegs, folder, seconds=args.seconds, connections=args.connections)
+
+
+def print_breakdown(
+    checkpoint: Path, jpegs: dict[str, Path], folder: Path, *, seconds: float, connections: int
+) -> None:
+    """Section 3: one front-end, resize in it, API_RESIZE=exact then fast (profiled), per photo."""
+    from api.config import load_settings
+
+    recipe = _resnet50_recipe()
+    for name, jpeg in jpegs.items():
+        script = wrk_script(folder, jpeg)
+        figures = {}
+        for resize in ("exact", "fast"):
+            figures[resize] = serve_and_measure(
+                checkpoint, script, frontends=1, preprocess="frontend", seconds=max(seconds, 6),
+                connections=connections, folder=folder, resize=resize,
+                profile=folder / f"{name}.spy" if resize == "fast" else None,
+            )  # fmt: skip
+        exact, fast = figures["exact"], figures["fast"]
+        print(
+            f"\n{name}, one front-end: CPU per image {exact['frontend_ms_per_image']:.3f} ms with API_RESIZE=exact, "
+            f"{fast['frontend_ms_per_image']:.3f} ms with fast (target <= {TARGETS[name, 'frontend']} ms); "
+            f"{exact['img_s']:.0f} vs {fast['img_s']:.0f} img/s"
+        )
+        options = load_settings(resize="fast").batching_group
+        shares = breakdown.loop_shares((folder / f"{name}.spy").read_text().splitlines())
+        loop_ms = fast["frontend_loop_ms_per_image"]
+        steps = breakdown.decode_steps(jpeg.read_bytes(), recipe, options)
+        print(breakdown.table(loop_ms, shares, fast["frontend_ms_per_image"] - loop_ms, steps))
+
+
+def _resnet50_recipe() -> Recipe:
+    """The recipe a front-end gets for the bench's resnet50 (timm's eval transform, split)."""
+    import timm
+
+    from api.engine.model.preprocess import build_transform, split_transform
+
+    transform, _ = build_transform(timm.create_model("resnet50", num_classes=67), image_size=None)
+    recipe = split_transform(transform)
+    assert recipe is not None
+    return recipe
 
 
 if __name__ == "__main__":

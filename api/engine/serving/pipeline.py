@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from api.config import BatchingSettings
+from api.engine.images import fast_resize
 from api.engine.images.budget import DecodeBudget
 from api.engine.images.decode import PIXELS_FORMAT, check_pixels, decode_image
 from api.engine.images.recipe import EXACT_RESIZE_LIMIT, Recipe
@@ -168,7 +169,7 @@ def prepare_upload(
     if _ships(image.width, image.height, recipe, ship_decoded_bytes):
         pixels, needs_resize = np.asarray(image, dtype=np.uint8), True  # decode_image's images are RGB
     else:
-        pixels, needs_resize = recipe.pixels(image), False
+        pixels, needs_resize = fast_resize.pixels(image, recipe, options.resize), False
     priced = decoded.cost.memory
     del decoded, image
     release_after_decode(priced)
@@ -185,7 +186,7 @@ def _prepare_pixels(
     info = ImageDescription(width, height, PIXELS_FORMAT)
     if _ships(width, height, recipe, ship_decoded_bytes):
         return info, pixels, True
-    return info, recipe.pixels(Image.fromarray(pixels)), False
+    return info, fast_resize.pixels(Image.fromarray(pixels), recipe, options.resize), False
 
 
 def _ships(width: int, height: int, recipe: Recipe, ship_decoded_bytes: int) -> bool:
