@@ -117,12 +117,15 @@ def engine_pids(pid: int) -> list[int]:
 
 
 def process_tree(pid: int) -> list[int]:
-    """`pid` and its descendants (a Gunicorn master and its workers)."""
-    try:
-        kids = [int(k) for k in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        return [pid]
-    return [pid] + [p for kid in kids for p in process_tree(kid)]
+    """`pid` and its descendants (a Gunicorn master and its workers; an engine process, which a front-end
+    starts from one of its threads: each thread lists the children it started)."""
+    kids = []
+    for children in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            kids += [int(k) for k in children.read_text().split()]
+        except OSError:
+            continue
+    return [pid] + [p for kid in sorted(kids) for p in process_tree(kid)]
 
 
 def tree_mb(pid: int, field: str = "VmRSS") -> float:

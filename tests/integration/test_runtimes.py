@@ -4,7 +4,10 @@ a corrupt entry rebuilt, never served."""
 
 from __future__ import annotations
 
+import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,10 +112,11 @@ def test_a_second_start_reads_the_cache_and_a_corrupt_entry_is_rebuilt(
     assert "converted the model to OpenVINO" in caplog.text and "candidates measured" in caplog.text
     caplog.clear()
     second, warm = _cached_load(demo_dir, cache)
-    assert "OpenVINO model read from the cache" in caplog.text and "converted" not in caplog.text
-    assert "measured choice read from the cache" in caplog.text and "candidates measured" not in caplog.text
-    assert second.describe()["runtime"] == first.describe()["runtime"]
-    assert second.describe()["evaluation"] == first.describe()["evaluation"]
+    assert "served as the cache's snapshot describes it" in caplog.text and "converted" not in caplog.text
+    assert "candidates measured" not in caplog.text
+    assert second.transform is None  # timm's transform was never built: the snapshot's recipe serves
+    described = [{k: v for k, v in c.describe().items() if k != "load_seconds"} for c in (first, second)]
+    assert described[1] == described[0]
     print(f"load: {cold:.1f}s converting and timing, {warm:.1f}s from the cache")
     assert warm < cold  # neither converted nor timed again
 
@@ -125,6 +129,38 @@ def test_a_second_start_reads_the_cache_and_a_corrupt_entry_is_rebuilt(
     assert "unusable" in caplog.text and "converted the model to OpenVINO" in caplog.text
     photo = Image.fromarray(skimage.data.chelsea())
     torch.testing.assert_close(scores_of(third, photo), scores_of(second, photo))
+
+
+WARM_START = """
+import dataclasses, json, sys
+from pathlib import Path
+import skimage.data
+from PIL import Image
+from api.config import Settings
+from api.engine.model.loader import load_classifier
+group = Settings(_env_file=None, checkpoint_path=Path(sys.argv[1])).model_group
+settings = dataclasses.replace(group, device="cpu", runtime="openvino", precision="auto", cache_dir=Path(sys.argv[2]))
+classifier = load_classifier(settings)
+pixels = classifier.prepare(Image.fromarray(skimage.data.chelsea()))
+heavy = sorted(m for m in ("timm", "torchvision", "captum", "nncf") if m in sys.modules)
+print(json.dumps({"imported": heavy, "scores": classifier.forward([pixels])[0].tolist(), "transform": classifier.transform is None}))
+"""
+
+
+def test_a_restart_on_a_warm_cache_builds_no_pytorch_model(demo_dir: Path, tmp_path: Path) -> None:
+    """The engine holds no PyTorch copy of what OpenVINO serves: a fresh process on a warm cache never
+    imports timm or torchvision, and answers what the full load answers."""
+    cache = tmp_path / "cache"
+    first = load_model(demo_dir, runtime="openvino", precision="auto", cache_dir=cache)
+    photo = Image.fromarray(skimage.data.chelsea())
+    expected = scores_of(first, photo)
+    done = subprocess.run(
+        [sys.executable, "-c", WARM_START, str(demo_dir), str(cache)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["imported"] == [] and answer["transform"], answer
+    torch.testing.assert_close(torch.tensor(answer["scores"]), expected[0])
 
 
 def test_openvino_refuses_what_it_cannot_run(demo_dir: Path, tmp_path: Path) -> None:

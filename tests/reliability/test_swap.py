@@ -300,7 +300,8 @@ def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
 ) -> None:
     """OpenVINO conversion and measuring the candidates (INT8 quantized, every precision timed) hold
     Python's lock in long stretches: a swap does both in a separate process (api/remote/host/prepare.py),
-    and the engine reads the converted model and the measured choice from the cache."""
+    and the engine serves what it resolved from the cache (api/engine/model/snapshot.py): the converted
+    model and the measured choice, with no PyTorch model built."""
     env = {
         "API_CHECKPOINT_PATH": models["old"],
         "API_ADMIN_KEY": ADMIN["X-API-Key"],
@@ -313,8 +314,8 @@ def test_on_a_cpu_the_new_model_is_converted_in_a_process_of_its_own(
         log = server.log()
         after = log[log.index(f"loading {models['new']} beside") :]
         assert "new model prepared in a process of its own" in after
-        assert "OpenVINO model read from the cache" in after and "converted the model to OpenVINO" not in after
-        assert "measured choice read from the cache" in after and "candidates measured" not in after
+        assert "served as the cache's snapshot describes it" in after and "converted the model to OpenVINO" not in after
+        assert "candidates measured" not in after
         predicted = httpx.post(server.url + "/api/v1/predict", files={"file": ("c.jpg", chelsea_jpeg)})
         assert predicted.json()["model"]["version"] == answer.json()["version"]
         evaluation = httpx.get(server.url + "/api/v1/model").json()["evaluation"]

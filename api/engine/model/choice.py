@@ -99,6 +99,7 @@ class Choice:
     precision_reason: str
     evaluation: Evaluation | None = None  # None: nothing was measured (a GPU, one candidate, API_RUNTIME=null)
     calibration: Calibration | None = None  # None: no temperature (no labeled images, none pinned)
+    openvino_key: dict[str, Any] | None = None  # the cache entry of the OpenVINO model that serves, if one does
 
 
 def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
@@ -138,6 +139,7 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
             f"API_PRECISION={precision}: {prec}",
             None,
             calibration,
+            openvino_key(plan, specs[0], images),
         )
     key = _evaluation_key(plan, specs, images)
     entry = cache.get(key)
@@ -165,7 +167,31 @@ def choose_runtime(plan: Plan, *, measure: bool) -> Choice:
     runtime_reason = (
         f"API_RUNTIME={asked}: {served.runtime} {served.precision} at {served.img_s:.0f} img/s, measured{obstacle}"
     )
-    return Choice(_tempered(chosen, calibration), runtime_reason, evaluation.reason, evaluation, calibration)
+    return Choice(
+        _tempered(chosen, calibration),
+        runtime_reason,
+        evaluation.reason,
+        evaluation,
+        calibration,
+        openvino_key(plan, evaluation.chosen, images),
+    )
+
+
+def openvino_key(plan: Plan, spec: Spec, images: evalset.EvalSet | None) -> dict[str, Any] | None:
+    """The cache key of the OpenVINO model `spec` runs (None for PyTorch): converted, or quantized on
+    the evaluation folder's calibration part (random pixels without one)."""
+    runtime, precision = spec
+    if runtime != "openvino":
+        return None
+    if precision != "int8":
+        return _converted_key(plan)
+    calibration = images.digest if images is not None else "random"
+    return {
+        **_converted_key(plan),
+        "kind": "openvino-int8",
+        "calibration": calibration,
+        "nncf": openvino_runtime.nncf_version(),
+    }
 
 
 def _tempered(runtime: Runtime, calibration: Calibration) -> Runtime:
@@ -410,12 +436,8 @@ def _int8_model(
     or, with no folder, on random pixels: only to time it (never served)."""
     import openvino
 
-    key = {
-        **_converted_key(plan),
-        "kind": "openvino-int8",
-        "calibration": images.digest if images is not None else "random",
-        "nncf": openvino_runtime.nncf_version(),
-    }
+    key = openvino_key(plan, ("openvino", "int8"), images)
+    assert key is not None
     entry = cache.get(key)
     if entry is not None:
         return openvino.Core().read_model(str(entry.file("model.xml")))

@@ -24,7 +24,8 @@ from api.engine.model.served import Served
 class Classifier:
     runtime: Runtime
     split: Recipe  # resize + crop in the decode pool; normalisation in the runtime
-    transform: Callable[[Image.Image], torch.Tensor]  # timm's whole eval transform (the reference)
+    # timm's whole eval transform (the reference); None when served as the cache's snapshot describes it
+    transform: Callable[[Image.Image], torch.Tensor] | None
     architecture: str
     class_names: tuple[str, ...]
     data_config: dict[str, Any]

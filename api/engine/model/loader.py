@@ -14,11 +14,12 @@ import time
 from dataclasses import replace
 from typing import Any
 
-import timm
 import torch
 from PIL import Image
 
 from api.config import DEFAULT_MODEL_NAME, DEFAULT_NUM_CLASSES, ModelSettings
+from api.engine.model import snapshot
+from api.engine.model.cache import ModelCache
 from api.engine.model.choice import Built, Plan, choose_runtime
 from api.engine.model.classifier import Classifier
 from api.engine.model.device import resolve_device
@@ -26,7 +27,6 @@ from api.engine.model.ensemble import Fold, FoldEnsemble, check_folds, common_fo
 from api.engine.model.files.checkpoint import Checkpoint, read_checkpoint
 from api.engine.model.files.folds import fold_paths
 from api.engine.model.files.labels import resolve_class_names
-from api.engine.model.preprocess import build_transform, split_transform
 from api.engine.model.runtimes.base import Head
 from api.engine.model.runtimes.torch_runtime import TorchRuntime
 from api.errors import CheckpointMismatch, ConfigError, first_line
@@ -50,6 +50,13 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
         )
     started = time.perf_counter()
     device, device_reason = resolve_device(settings.device)
+    cache, snapshot_key = ModelCache(settings.cache_dir), None
+    if device.type == "cpu":
+        snapshot_key = snapshot.key(settings, threads)
+        warm = snapshot.read(cache, snapshot_key, device=device, device_reason=device_reason) if snapshot_key else None
+        if warm is not None:
+            warm_up(warm)
+            return replace(warm, load_seconds=time.perf_counter() - started)
     names, ckpts, builts = read_folds(settings)
     built, ckpt, folds = _as_one(names, ckpts, builts)
     precision = "fp32" if settings.precision == "auto" else settings.precision  # a GPU's; a CPU measures
@@ -76,6 +83,8 @@ def load_classifier(settings: ModelSettings, *, threads: int = 1, measure: bool 
         calibration=choice.calibration.to_dict() if choice.calibration is not None else None,
     )
     warm_up(classifier)
+    if snapshot_key is not None and choice.openvino_key is not None:
+        snapshot.write(cache, snapshot_key, classifier, choice.openvino_key)
     if isinstance(runtime, TorchRuntime) and settings.cuda_graphs and device.type == "cuda" and not settings.compile:
         graphed = runtime.with_cuda_graphs(classifier.input_size)  # after warm-up: cuDNN benchmarked every size
         if graphed is not runtime:
@@ -131,6 +140,10 @@ def _as_one(
 
 
 def _build(ckpt: Checkpoint, settings: ModelSettings) -> Built:
+    import timm  # here, not at the top: a load from the cache's snapshot never imports it
+
+    from api.engine.model.preprocess import build_transform, split_transform
+
     model: torch.nn.Module
     if ckpt.scripted is not None:
         model, architecture = ckpt.scripted, settings.model_name or DEFAULT_MODEL_NAME
@@ -180,6 +193,8 @@ def _reconcile_architecture(ckpt: Checkpoint, model_name: str | None) -> str:
             ckpt.path,
             ckpt.architecture,
         )
+    import timm
+
     architecture = ckpt.architecture or model_name or DEFAULT_MODEL_NAME
     if not timm.is_model(architecture):
         source = "the checkpoint's metadata" if ckpt.architecture else "API_MODEL_NAME"
@@ -212,6 +227,8 @@ def _classifier_outputs(model: torch.nn.Module, state_dict: dict[str, torch.Tens
 
 
 def _build_timm_model(ckpt: Checkpoint, architecture: str, setting: int | None) -> tuple[int, torch.nn.Module]:
+    import timm
+
     overlay = ckpt.pretrained_cfg or None
     model_args = {k: v for k, v in ckpt.model_args.items() if k != "num_classes"}
 

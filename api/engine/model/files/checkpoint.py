@@ -23,7 +23,6 @@ from typing import Any, Literal
 import safetensors
 import safetensors.torch
 import torch
-from timm.models import clean_state_dict
 
 from api.engine.model.files.labels import names_from_mapping
 from api.errors import CheckpointNotFound, CheckpointUnreadable, UnsafeCheckpoint, first_line
@@ -125,6 +124,8 @@ def _from_object(path: Path, fmt: Format, obj: Any, *, use_ema: bool, sha256: st
             f"no weights found in checkpoint {path} (top-level keys: {found}); expected a state_dict "
             f"or a dict with one of {', '.join(_WEIGHT_KEYS)}"
         )
+    from timm.models import clean_state_dict  # here: a load from the cache's snapshot never imports timm
+
     ckpt.state_dict = clean_state_dict({k: v for k, v in weights.items() if isinstance(v, torch.Tensor)})
     ckpt.weights_key = weights_key
     if weights_key:  # metadata lives beside the weights, never inside them
@@ -176,6 +177,8 @@ def _read_safetensors(path: Path, *, sha256: str = "") -> Checkpoint:
     except Exception as error:  # safetensors raises its own SafetensorError for any corruption
         raise CheckpointUnreadable(f"cannot read safetensors checkpoint {path}: {error}") from None
     ckpt = Checkpoint(path=path, format="safetensors", sha256=sha256 or file_sha256(path))
+    from timm.models import clean_state_dict
+
     ckpt.state_dict = clean_state_dict(tensors)
     # safetensors metadata is str -> str; labels may be stored as JSON text.
     decoded = {k: _maybe_json(v) for k, v in meta.items()}
