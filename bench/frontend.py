@@ -208,15 +208,17 @@ def serve_and_measure(
     path: str = "/api/v1/predict",
     resize: str = "fast",
     profile: Path | None = None,
+    model: dict[str, str] | None = None,
 ) -> dict[str, float]:
     """One service's figures under wrk; with `profile`, py-spy records the (one) front-end during the
-    measured load and writes its samples there."""
+    measured load and writes its samples there. `model`: settings for a real forward pass (default: the
+    null runtime on the CPU)."""
     command = [str(BIN / "gunicorn"), "--config", "python:api.gunicorn_conf", "api.main:app"]
     env = {
         "API_CHECKPOINT_PATH": checkpoint, "API_RUNTIME": "null", "API_DEVICE": "cpu", "API_PREPROCESS": preprocess,
         "WEB_CONCURRENCY": frontends, "API_MAX_QUEUE": 256, "API_MAX_BATCH_SIZE": 64, "LOG_LEVEL": "INFO",
         "API_RESIZE": resize,
-        "API_CACHE_DIR": folder / "cache", "MALLOC_ARENA_MAX": 2,
+        "API_CACHE_DIR": folder / "cache", "MALLOC_ARENA_MAX": 2, **(model or {}),
     }  # fmt: skip
     run_dir = Path(tempfile.mkdtemp(dir=folder))
     server = ServerProcess(command, run_dir, **env)
@@ -266,11 +268,24 @@ def main(argv: list[str] | None = None) -> None:
     parser = arguments(__doc__)
     parser.add_argument("--skip-http", action="store_true")
     parser.add_argument("--skip-breakdown", action="store_true", help="no section 3 (it needs py-spy and ptrace)")
+    parser.add_argument(
+        "--frontends", default="1,2", help="front-end counts for section 2, e.g. 1,4,8,15 on a GPU host"
+    )
+    parser.add_argument(
+        "--model", default="", help="section 2 with a real forward pass, e.g. API_DEVICE=cuda,API_PRECISION=fp16"
+    )
     args = parser.parse_args(argv)
+    counts = [int(n) for n in args.frontends.split(",")]
+    model = dict(item.split("=", 1) for item in args.model.split(",") if item) or None
+    if model is not None:
+        model.setdefault("API_RUNTIME", "auto")
     folder = Path(tempfile.mkdtemp(prefix="bench-frontend-"))
     checkpoint, jpegs = write_inputs(folder)
     print("measured on: " + stamp.line())
-    print(f"CPU: {os.cpu_count()} visible; null runtime, resnet50's recipe (224, bicubic, crop 0.95)")
+    print(
+        f"CPU: {os.cpu_count()} visible; {'resnet50 with ' + args.model if model else 'null runtime'}, resnet50's "
+        "recipe (224, bicubic, crop 0.95)"
+    )
     fed = feed(checkpoint, args.seconds)
     print(
         f"\nengine loop, fed without HTTP: {fed['img_s']:,.0f} img/s (target >= 16,000); engine CPU "
@@ -287,10 +302,10 @@ def main(argv: list[str] | None = None) -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name, preprocess in (("451x300", "engine"), ("451x300", "frontend"), ("1600x1066", "frontend")):
         script = wrk_script(folder, jpegs[name])
-        for frontends in (1, 2):
+        for frontends in counts:
             row = serve_and_measure(
                 checkpoint, script, frontends=frontends, preprocess=preprocess, seconds=args.seconds,
-                connections=args.connections, folder=folder,
+                connections=max(args.connections, 4 * frontends), folder=folder, model=model,
             )  # fmt: skip
             rows.append((name, preprocess, frontends, row))
             target = TARGETS.get((name, preprocess))
@@ -300,12 +315,16 @@ def main(argv: list[str] | None = None) -> None:
                 f"{'<= ' + str(target) + ' ms' if target else ''} |"
                 + (f" ({row['errors']:.0f} errors)" if row["errors"] else "")
             )
-    print("\nscaling, 1 -> 2 front-ends (target: front-end CPU/img changes <= 10 %):")
-    for index in range(0, len(rows), 2):
-        one, two = rows[index][3], rows[index + 1][3]
-        change = two["frontend_ms_per_image"] / one["frontend_ms_per_image"] - 1
-        engine = two["engine_ms_per_image"] / max(one["engine_ms_per_image"], 1e-9) - 1
-        print(f"  {rows[index][0]} resize in {rows[index][1]}: front-end {change:+.1%}, engine {engine:+.1%}")
+    print(f"\nscaling, {counts[0]} -> more front-ends (target: front-end CPU/img changes <= 10 %):")
+    for index in range(0, len(rows), len(counts)):
+        one = rows[index][3]
+        for name, preprocess, frontends, more in rows[index + 1 : index + len(counts)]:
+            change = more["frontend_ms_per_image"] / one["frontend_ms_per_image"] - 1
+            engine = more["engine_ms_per_image"] / max(one["engine_ms_per_image"], 1e-9) - 1
+            print(
+                f"  {name} resize in {preprocess}, {frontends} front-ends: "
+                f"front-end {change:+.1%}, engine {engine:+.1%}"
+            )
     if not args.skip_breakdown:
         print_breakdown(checkpoint, jpegs, folder, seconds=args.seconds, connections=args.connections)
 

@@ -8,7 +8,9 @@
 # 4. the same at concurrency 64 with WORKERS (default: the CPUs less 2) front-ends and one engine
 #    process, for both photos (451x300 with resize on the GPU, 1600x1066);
 # 5. model-only resnet50 at batch 64/128/256, NCHW and channels_last, eager and CUDA graphs;
-# 6. the front-end bench (null model): CPU per image per process, the engine loop's ceiling.
+# 6. the front-end bench (null model): CPU per image per process, the engine loop's ceiling;
+# 7. the front-end layout on this host: resnet50 fp16 on the GPU behind 1, 4, 8 and 15 front-ends (one
+#    engine), 451x300 and 1600x1066 JPEGs, front-end and engine CPU per image from /proc.
 # Every step runs even if one before it failed; the exit status is the first failure's.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,5 +33,7 @@ workers=${WORKERS:-$(( $(nproc) > 3 ? $(nproc) - 2 : 1 ))}
 step "$PYTHON" -m bench.run "${common[@]}" --concurrency 64,256 --workers "$workers" --max-batch-size 128 \
     --images chelsea_451x300,photo_1600x1066 --out "$OUT_DIR/frontends"
 step "$PYTHON" -m bench.model_only
-step "$PYTHON" -m bench.frontend --seconds 5
+step "$PYTHON" -m bench.frontend --seconds 5 --skip-breakdown
+step "$PYTHON" -m bench.frontend --seconds 8 --skip-breakdown --frontends 1,4,8,15 \
+    --model API_DEVICE=cuda,API_PRECISION=fp16
 exit $status

@@ -10,6 +10,10 @@
    and with `API_PRECISION=bf16` (or fp32 on a CPU without bf16), both with the evaluation folder,
    16 connections posting a 451x300 JPEG, alternated int8, other, other, int8 (the machine drifts); the
    ratio of the medians, and the INT8 service's PSS.
+3. The service against the model alone, both at INT8: the INT8 resnet50 timed at batch 8 in this
+   process (OpenVINO, the service's model from the same cache), then the INT8 service as in 2,
+   alternated model, service, service, model; the ratio of the medians (issue 28: >= 0.70, the
+   front-end's cost being what is left between them).
 
 Results: printed, and artifacts/bench/precision.json with the stamp.
 """
@@ -93,12 +97,49 @@ def service_ratio(checkpoint: Path, eval_dir: Path, cache: Path, requests: int, 
     return {"int8_img_s": int8, f"{other}_img_s": base, "ratio": int8 / base, "int8_pss_mb": max(pss), "rates": rates}
 
 
+def service_vs_model(checkpoint: Path, eval_dir: Path, cache: Path, requests: int, threads: int) -> dict[str, Any]:
+    """INT8 resnet50: the service's img/s over the model's own at batch 8, alternated, medians."""
+    from api.engine.model.measure.evaluation import time_runtimes
+
+    group = Settings(_env_file=None, checkpoint_path=checkpoint, model_name="resnet50").model_group  # type: ignore[call-arg]
+    settings = dataclasses.replace(group, device="cpu", eval_dir=eval_dir, cache_dir=cache, precision="int8")
+    args = argparse.Namespace(
+        model="resnet50", num_classes=67, image_size=224, device="cpu", max_queue=64, runtime="auto",
+        cache_dir=cache, max_batch_size=8, precision="int8", requests=requests,
+    )  # fmt: skip
+    photo = images()["chelsea_451x300"]
+    rates: dict[str, list[float]] = {"model": [], "service": []}
+    for part in ("model", "service", "service", "model"):
+        if part == "model":
+            classifier = load_classifier(settings, threads=threads)
+            spec = (classifier.runtime.name, classifier.runtime.precision)
+            assert spec == ("openvino", "int8"), spec
+            rate = statistics.median(
+                time_runtimes({spec: classifier.runtime}, classifier.input_size, 8)[spec] for _ in range(5)
+            )
+            del classifier
+        else:
+            server = Server(checkpoint, args, API_EVAL_DIR=str(eval_dir))
+            try:
+                asyncio.run(load(server.url, photo, 4, 16))  # warm
+                row = asyncio.run(load(server.url, photo, 16, requests))
+                assert row["statuses"] == {"200": requests}, row["statuses"]
+                rate = row["images_per_s"]
+            finally:
+                server.stop()
+        rates[part].append(rate)
+        print(f"  {part} int8: {rate:.1f} img/s", flush=True)
+    model, service = statistics.median(rates["model"]), statistics.median(rates["service"])
+    return {"model_img_s": model, "service_img_s": service, "ratio": service / model, "rates": rates}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="resnet50,demo,efficientnet_b3,convnext_base")
     parser.add_argument("--requests", type=int, default=600, help="requests per service run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-service", action="store_true")
+    parser.add_argument("--only-front-end-ratio", action="store_true", help="part 3 only (resnet50)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stamped = stamp.stamp()
@@ -112,12 +153,14 @@ def main() -> None:
         for name, classes in ARCHITECTURES.items():
             (folder / name).mkdir()
             checkpoints[name] = write_checkpoint(folder / name, name, classes)
-        for name in args.models.split(","):
+        if args.only_front_end_ratio:
+            args.models, args.skip_service = "", True
+        for name in filter(None, args.models.split(",")):
             print(f"measuring {name} ...", flush=True)
             architecture = None if name == "demo" else name
             out["models"][name] = measure(checkpoints[name], architecture, eval_dir, cache, args.threads)
-        tables = model_tables(out["models"])
-        print(tables, flush=True)
+        if out["models"]:
+            print(model_tables(out["models"]), flush=True)
         if not args.skip_service:
             other = "bf16" if cpu_has_bf16() else "fp32"
             print(f"service: resnet50, API_PRECISION=int8 vs {other}, 16 connections", flush=True)
@@ -128,6 +171,13 @@ def main() -> None:
                 f"{service['ratio']:.2f}x (target >= 1.5x); INT8 service PSS {service['int8_pss_mb']:.0f} MB "
                 "(target <= 1000)"
             )
+        print("service vs model alone: resnet50 INT8, the model at batch 8, the service on 16 connections", flush=True)
+        ratio = service_vs_model(checkpoints["resnet50"], eval_dir, cache, args.requests, args.threads)
+        out["service_vs_model"] = ratio
+        print(
+            f"service vs model: {ratio['service_img_s']:.1f} vs {ratio['model_img_s']:.1f} img/s: "
+            f"{ratio['ratio']:.2f}x (target >= 0.70x)"
+        )
     target = ROOT / "artifacts" / "bench" / "precision.json"
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps(out, indent=1, default=str))
