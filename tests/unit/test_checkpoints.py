@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -224,3 +225,26 @@ def test_timm_folder_labels_and_preprocessing_come_from_config(tmp_path: Path) -
     assert list(classifier.class_names) == ["one", "two", "three"]
     assert tuple(classifier.data_config["mean"]) == pytest.approx((0.1, 0.2, 0.3))
     assert tuple(classifier.data_config["input_size"]) == (3, 96, 96)
+
+
+def test_the_served_snapshot_is_keyed_by_the_files_settings_and_code(tmp_path: Path) -> None:
+    """A warm restart serves from the cache's snapshot only for the same checkpoint bytes, labels file
+    and settings (api/engine/model/snapshot.py); PyTorch runtimes and torch.compile never use one."""
+    from api.engine.model import snapshot
+    from tests.helpers import model_settings
+
+    checkpoint, labels = tmp_path / "best_model.pt", tmp_path / "classes.txt"
+    checkpoint.write_bytes(b"weights")
+    labels.write_text("a\nb\n")
+    settings = model_settings(checkpoint, class_names_path=labels, cache_dir=tmp_path / "cache", runtime="auto")
+    key = snapshot.key(settings, threads=2)
+    assert key is not None and key == snapshot.key(settings, threads=2)
+    assert snapshot.key(dataclasses.replace(settings, threshold=0.7), threads=2) != key
+    assert snapshot.key(settings, threads=1) != key
+    labels.write_text("a\nc\n")
+    assert snapshot.key(settings, threads=2) != key
+    labels.write_text("a\nb\n")
+    checkpoint.write_bytes(b"other weights")
+    assert snapshot.key(settings, threads=2) != key
+    for other in ({"runtime": "torch"}, {"runtime": "null"}, {"compile": True}, {"cache_dir": None}):
+        assert snapshot.key(dataclasses.replace(settings, **other), threads=2) is None
