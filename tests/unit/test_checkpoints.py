@@ -154,10 +154,12 @@ def test_unknown_architecture_is_a_config_error(tmp_path: Path) -> None:
         load_model(tmp_path / "m.pt", model_name="resnet_9000", device="cpu")
 
 
-def test_missing_checkpoint_names_path_and_how_to_mount(tmp_path: Path) -> None:
+@pytest.mark.parametrize("cached", [False, True])  # with a model cache, a CPU load looks for its snapshot first
+def test_missing_checkpoint_names_path_and_how_to_mount(tmp_path: Path, cached: bool) -> None:
     missing = tmp_path / "outputs" / "best_model.pt"
+    options = {"cache_dir": tmp_path / "cache", "runtime": "auto"} if cached else {}
     with pytest.raises(CheckpointNotFound) as caught:
-        load_model(missing, device="cpu")
+        load_model(missing, device="cpu", **options)
     assert str(missing) in str(caught.value) and "/app/models" in str(caught.value)
 
 
@@ -248,3 +250,6 @@ def test_the_served_snapshot_is_keyed_by_the_files_settings_and_code(tmp_path: P
     assert snapshot.key(settings, threads=2) != key
     for other in ({"runtime": "torch"}, {"runtime": "null"}, {"compile": True}, {"cache_dir": None}):
         assert snapshot.key(dataclasses.replace(settings, **other), threads=2) is None
+    os.mkfifo(tmp_path / "fifo.pt")  # no snapshot for what is no regular file: the full load refuses it
+    for path in (tmp_path / "missing.pt", tmp_path / "fifo.pt"):
+        assert snapshot.key(dataclasses.replace(settings, checkpoint_path=path), threads=2) is None

@@ -47,15 +47,23 @@ def key(settings: ModelSettings, threads: int) -> dict[str, Any] | None:
         return None
     if settings.runtime in ("torch", "null") or settings.compile:
         return None
+    folds = fold_paths(settings.checkpoint_path, settings.folds)
+    if not all(path.is_file() or path.is_dir() for _, path in folds):
+        return None  # missing, or no regular file: the full load says what is wrong with it
     values = {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(settings).items()}
     values.pop("cache_dir")
     labels = settings.class_names_path
     images = evalset.scan(settings.eval_dir) if settings.eval_dir is not None else None
+    try:
+        files = [[name, _digest(path)] for name, path in folds]
+        labels_digest = _digest(labels) if labels is not None and labels.is_file() else None
+    except OSError:  # unreadable: the full load says so
+        return None
     return {
         "kind": "served",
         "settings": values,
-        "files": [[name, _digest(path)] for name, path in fold_paths(settings.checkpoint_path, settings.folds)],
-        "labels_file": _digest(labels) if labels is not None and labels.exists() else None,
+        "files": files,
+        "labels_file": labels_digest,
         "eval_digest": images.digest if images is not None else None,
         "threads": threads,
         "cpu": cpu_model_name(),
