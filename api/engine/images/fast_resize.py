@@ -32,14 +32,9 @@ def covers(recipe: Recipe, width: int, height: int) -> bool:
 def resize_crop(image: Image.Image, recipe: Recipe) -> np.ndarray:
     """RGB image (one `covers` takes) -> crop height x width x 3 uint8."""
     resized_w, resized_h = recipe.resized_size(image.width, image.height)
-    crop_h, crop_w = recipe.crop
     if (resized_w, resized_h) == image.size:
-        left, top, right, bottom = recipe.crop_box(resized_w, resized_h)
-        return np.asarray(image.crop((left, top, right, bottom)))
-    left, top, right, bottom = recipe.crop_box(resized_w, resized_h)
-    scale_x, scale_y = image.width / resized_w, image.height / resized_h
-    box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-    return np.asarray(image.resize((crop_w, crop_h), recipe.resample, box=box, reducing_gap=REDUCING_GAP))
+        return np.asarray(image.crop(recipe.crop_box(resized_w, resized_h)))
+    return np.asarray(recipe.resample_crop(image, resized_w, resized_h, reducing_gap=REDUCING_GAP))
 
 
 def pixels(image: Image.Image, recipe: Recipe, resize: str) -> np.ndarray:

@@ -89,10 +89,18 @@ class Recipe:
                 f"image aspect ratio {image.width}:{image.height} is too extreme to preprocess; "
                 "crop it closer to the subject and send it again"
             )
+        return self.resample_crop(image, width, height)
+
+    def resample_crop(
+        self, image: Image.Image, width: int, height: int, reducing_gap: float | None = None
+    ) -> Image.Image:
+        """The crop of `image` resized to `width` x `height`, resampling only the crop's region (Pillow's
+        `resize(box=...)`, the same filter): equal to resizing the whole image and cropping, to rounding.
+        The crop must lie inside the resized image."""
         left, top, right, bottom = self.crop_box(width, height)
         scale_x, scale_y = image.width / width, image.height / height
         box = (left * scale_x, top * scale_y, right * scale_x, bottom * scale_y)
-        return image.resize((crop_w, crop_h), self.resample, box=box)
+        return image.resize(self.crop[::-1], self.resample, box=box, reducing_gap=reducing_gap)
 
     def _crop(self, image: Image.Image) -> Image.Image:
         left, top, right, bottom = box = self.crop_box(image.width, image.height)
