@@ -149,9 +149,9 @@ class Settings(BaseSettings):
     )
     preprocess: Literal["auto", "frontend", "engine"] = Field(
         "auto",
-        description="Where resize + crop run behind an engine process. auto: on the engine's GPU when it has "
-        "one (front-ends ship decoded images), else in the front-ends (the PIL path, API_RESIZE); "
-        "engine/frontend: force.",
+        description="Where resize + crop run behind an engine process. auto/engine: in the engine (front-ends "
+        "ship decoded images; a GPU resizes each batch, a CPU each image as it arrives, with torch's 8-bit "
+        "kernels), where torch has the model's filter; frontend: in the front-ends (the PIL path, API_RESIZE).",
     )
     engine_linger_s: float = Field(
         10.0, ge=0, le=3600, description="How long the engine process outlives its last front-end (a reload's gap)."

@@ -23,6 +23,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,21 +119,25 @@ def record(pid: int, seconds: float, out: Path) -> list[str]:
     return out.read_text().splitlines()
 
 
-def decode_steps(data: bytes, recipe: Recipe, options: BatchingSettings, repeat: int = 200) -> dict[str, float]:
+def decode_steps(
+    data: bytes, recipe: Recipe, options: BatchingSettings, *, ship: bool, repeat: int = 200
+) -> dict[str, float]:
     """CPU milliseconds of each step a decode thread runs for one upload, on this thread's own clock:
-    the decode (header, pricing, pixels, EXIF, RGB), the resize + crop, the copy into the ring slot."""
+    the decode (header, pricing, pixels), the resize + crop unless the engine resizes (`ship`), the
+    copy into the ring slot."""
     budget = decode_budget(options)
     reduce_to = recipe.resize_short_side if options.reduced_decode else None
     decoded = decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=budget)
-    pixels = fast_resize.pixels(decoded.image, recipe, options.resize)
+    pixels = decoded.pixels if ship else fast_resize.pixels(decoded.image, recipe, options.resize)
     slot = np.empty_like(pixels)
-    steps = {
-        "decode (header, pricing, pixels, RGB)": lambda: decode_image(
-            data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=budget
+    steps: dict[str, Callable[[], object]] = {
+        "decode (header, pricing, pixels)": lambda: (
+            decode_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=budget).pixels
         ),
-        f"resize + crop ({options.resize})": lambda: fast_resize.pixels(decoded.image, recipe, options.resize),
-        "copy into the ring slot": lambda: np.copyto(slot, pixels),
     }
+    if not ship:
+        steps[f"resize + crop ({options.resize})"] = lambda: fast_resize.pixels(decoded.image, recipe, options.resize)
+    steps["copy into the ring slot"] = lambda: np.copyto(slot, pixels)
     costs = {}
     for step, run in steps.items():
         run()

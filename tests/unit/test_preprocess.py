@@ -248,3 +248,21 @@ def test_client_decoded_pixels_are_checked_then_prepared_as_the_file(chelsea_jpe
     assert (
         check_pixels(np.zeros((3000, 4000, 3), np.uint8), max_pixels=LIMIT, budget=DECODE_BUDGET).memory > 0
     )  # 12 MP passes
+
+
+def test_an_image_of_the_crops_size_is_prepared_by_the_front_end_not_shipped() -> None:
+    """The engine tells a model input from a shipped image by its size, so an upload exactly the crop's
+    size (224 x 224 for resnet50, whose recipe still resizes it to 235 and crops) is never shipped."""
+    from api.config import Settings
+    from api.engine.serving.pipeline import prepare_upload
+
+    _, split = _resnet50_split()
+    options = Settings(_env_file=None).batching_group  # type: ignore[call-arg]
+    crop_h, crop_w = split.crop
+    for height, width, shipped in ((crop_h, crop_w, False), (crop_h + 1, crop_w, True)):
+        pixels = np.random.default_rng(0).integers(0, 256, (height, width, 3), dtype=np.uint8)
+        _, prepared, resize = prepare_upload(pixels, split, options, reduce_to=None, ship_decoded_bytes=10**6)
+        assert resize == shipped
+        if not shipped:
+            assert prepared.shape == (crop_h, crop_w, 3)
+            assert not np.array_equal(prepared, pixels)  # resized to 235 and cropped, not taken as it is

@@ -29,6 +29,7 @@ from PIL import (
     WebPImagePlugin,
 )
 
+from api.engine.images import jpeg
 from api.engine.images.budget import HIGH_DEPTH, WITH_ALPHA, Cost, DecodeBudget, ImageFacts
 from api.engine.memory import release_after_decode
 from api.errors import EmptyFile, ImageTooLarge, InvalidImage, UnsupportedMediaType
@@ -83,11 +84,32 @@ _CORRUPT = (OSError, ValueError, SyntaxError, EOFError)
 
 @dataclass(frozen=True)
 class DecodedImage:
-    image: Image.Image
+    """8-bit RGB pixels: a Pillow image, or an H x W x 3 array where libjpeg-turbo decoded a JPEG
+    straight into one (`api.engine.images.jpeg`); `width` and `height` are the canvas before any
+    reduced-scale decode."""
+
+    source: Image.Image | np.ndarray
     width: int
     height: int
     format: str
     cost: Cost  # what decoding it was priced at (api.engine.images.budget)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """The decoded pixels' width and height."""
+        if isinstance(self.source, np.ndarray):
+            return self.source.shape[1], self.source.shape[0]
+        return self.source.size
+
+    @property
+    def image(self) -> Image.Image:
+        """The pixels as a Pillow image (a copy, where they are an array)."""
+        return self.source if isinstance(self.source, Image.Image) else Image.fromarray(self.source)
+
+    @property
+    def pixels(self) -> np.ndarray:
+        """The pixels as an H x W x 3 uint8 array (a copy, where they are a Pillow image)."""
+        return self.source if isinstance(self.source, np.ndarray) else np.asarray(self.source, dtype=np.uint8)
 
 
 @cache
@@ -142,10 +164,16 @@ def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, 
             if reduce_to and fmt in ("JPEG", "MPO") and min(width, height) >= 2 * reduce_to:
                 scale = reduce_to / min(width, height)
                 image.draft("RGB", (math.ceil(width * scale), math.ceil(height * scale)))
-            cost = budget.check(image_facts(image, data, (width, height)))
+            facts = image_facts(image, data, (width, height))
+            cost = budget.check(facts)
         except (*_CORRUPT, TypeError, KeyError, IndexError, ZeroDivisionError) as error:
             # header fields that make no sense (a zero sampling factor, a tile size of the wrong type)
             raise InvalidImage(f"corrupt image header: {error or type(error).__name__}") from None
+        if jpeg.takes(image, rotated=facts.rotated):
+            pixels = jpeg.decode(data, image.width, image.height)
+            if pixels is not None:
+                image.close()
+                return DecodedImage(source=pixels, width=width, height=height, format=fmt, cost=cost)
         try:
             image.load()
             ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
@@ -156,7 +184,7 @@ def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, 
             image.close()  # the part-decoded canvas goes now, not with the traceback
             release_after_decode(cost.memory)
             raise InvalidImage(f"corrupt or truncated image: {error}") from None
-    return DecodedImage(image=rgb, width=width, height=height, format=fmt, cost=cost)
+    return DecodedImage(source=rgb, width=width, height=height, format=fmt, cost=cost)
 
 
 def check_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget) -> Cost:

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from api.engine.images.device_resize import resize_crop
+from api.engine.images.device_resize import resize_crop, resize_mode
 from api.engine.images.recipe import Recipe
 from api.engine.model.ensemble import Fold
 from api.engine.model.files.checkpoint import Checkpoint
@@ -59,6 +59,24 @@ class Classifier:
     def prepare(self, image: Image.Image) -> np.ndarray:
         """The per-image half, for the decode pool: RGB image -> H x W x 3 uint8, resized and cropped."""
         return self.split.pixels(image)
+
+    def ship_decoded_bytes(self, preprocess: str) -> int:
+        """How large a decoded image goes to this side's resize (torch's) as it is, under
+        API_PREPROCESS=`preprocess` (0: never; the decode thread resizes with Pillow, API_RESIZE).
+
+        Up to twice the resize target on each side: a reduced-scale JPEG decode (never below the
+        target) of an ordinary photo fits; anything larger is resized where it was decoded."""
+        if preprocess == "frontend" or resize_mode(self.split) is None:
+            return 0
+        side = 2 * self.resize_short_side
+        return 3 * side * side * 3 // 2
+
+    def resize_crop(self, pixels: np.ndarray) -> np.ndarray:
+        """One decoded image (H x W x 3 uint8) -> the model's input, resized and cropped on the CPU.
+
+        What an engine on a CPU does to an image a front-end shipped, as it arrives: its main thread
+        resizes while the inference thread runs the batch before (api/remote/host/host.py)."""
+        return resize_crop([pixels], self.split, torch.device("cpu"))[0].numpy()
 
     def forward(self, items: Sequence[np.ndarray]) -> torch.Tensor:
         """The batched half: `prepare`d images -> N x C float32 scores (softmax or sigmoid) on the CPU,

@@ -165,13 +165,12 @@ def prepare_upload(
         data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options)
     )
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
-    image = decoded.image
-    if _ships(image.width, image.height, recipe, ship_decoded_bytes):
-        pixels, needs_resize = np.asarray(image, dtype=np.uint8), True  # decode_image's images are RGB
+    if _ships(*decoded.size, recipe, ship_decoded_bytes):
+        pixels, needs_resize = decoded.pixels, True
     else:
-        pixels, needs_resize = fast_resize.pixels(image, recipe, options.resize), False
+        pixels, needs_resize = fast_resize.pixels(decoded.image, recipe, options.resize), False
     priced = decoded.cost.memory
-    del decoded, image
+    del decoded
     release_after_decode(priced)
     return info, pixels, needs_resize
 
@@ -194,4 +193,6 @@ def _ships(width: int, height: int, recipe: Recipe, ship_decoded_bytes: int) -> 
     the slot and its resized size stays bounded."""
     resized_w, resized_h = recipe.resized_size(width, height)
     bounded = resized_w * resized_h <= EXACT_RESIZE_LIMIT * recipe.crop[0] * recipe.crop[1]
-    return width * height * 3 <= ship_decoded_bytes and bounded and max(width, height) < 65536
+    # an image of the crop's size would pass for a model input (the engine tells the two by size)
+    crop_sized = (height, width) == recipe.crop
+    return width * height * 3 <= ship_decoded_bytes and bounded and max(width, height) < 65536 and not crop_sized

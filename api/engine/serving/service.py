@@ -88,6 +88,7 @@ class Engine:
         self._decoder = decoder
         self._observer = observer
         self._reduce_to = classifier.resize_short_side if options.reduced_decode else None
+        self._ship_bytes = classifier.ship_decoded_bytes(options.preprocess)
         self._explaining = threading.Lock()
         self._explainer: Any = None  # api.engine.model.explain.GradCam, loaded on the first explanation
         self.served = classifier.served
@@ -146,8 +147,15 @@ class Engine:
         return self.batcher.admit(images)
 
     def prepare(self, data: Upload) -> tuple[ImageDescription, np.ndarray]:
-        """Decode + the per-image half of preprocessing (in the decode pool)."""
-        info, pixels, _ = prepare_upload(data, self.classifier.split, self.options, reduce_to=self._reduce_to)
+        """Decode + the per-image half of preprocessing (in the decode pool), resized where an engine
+        process resizes it (`Classifier.ship_decoded_bytes`), so a file scores the same here as served:
+        on a CPU here, on a GPU with its batch."""
+        classifier = self.classifier
+        info, pixels, resize = prepare_upload(
+            data, classifier.split, self.options, reduce_to=self._reduce_to, ship_decoded_bytes=self._ship_bytes
+        )
+        if resize and classifier.device.type == "cpu":
+            pixels = classifier.resize_crop(pixels)
         return info, pixels
 
     async def _prepare(self, data: Upload) -> tuple[ImageDescription, np.ndarray] | RequestError:

@@ -40,7 +40,6 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from api.config import ModelSettings
 from api.cpu import cpu_budget
-from api.engine.images.device_resize import resize_mode
 from api.engine.memory import release_free_memory
 from api.engine.model.choice import MeasurementNeeded
 from api.engine.serving.figures import EngineFigures
@@ -177,6 +176,11 @@ class Host:
     def _serve_model(self, engine: Engine, generation: int) -> None:
         """`engine` answers every job tagged `generation` from now on; new front-ends get it."""
         classifier = engine.classifier
+        if classifier.device.type == "cpu" and classifier.runtime.name != "torch":
+            # torch only resizes shipped images here (this thread) and soft-maxes beside another
+            # runtime's threads: an OpenMP team's spin-waits after each call would take the CPU those
+            # threads need (measured: 3.4 ms of engine CPU per photo resized with two threads, 0.8 with one)
+            torch.set_num_threads(1)
         self.engines[generation] = engine
         self.generation = generation
         self.offer = ModelOffer(
@@ -184,7 +188,7 @@ class Host:
             served=engine.served,
             recipe=classifier.split,
             reduce_to=classifier.resize_short_side if self.batching.reduced_decode else None,
-            ship_decoded_bytes=self._ship_decoded_bytes(engine),
+            ship_decoded_bytes=engine.classifier.ship_decoded_bytes(self.batching.preprocess),
             described=engine.describe(),
         )
         self.figures.on_model(engine.served)
@@ -192,20 +196,7 @@ class Host:
     def _input_bytes(self, engine: Engine) -> int:
         """A ring slot holds the model's input, or a decoded image up to what may be shipped."""
         size = engine.classifier.input_size
-        return max(3 * size[1] * size[2], self._ship_decoded_bytes(engine))
-
-    def _ship_decoded_bytes(self, engine: Engine) -> int:
-        """How large a decoded image the front-ends may ship for resizing here (0: they resize).
-
-        Up to twice the resize target on each side: a reduced-scale JPEG decode (never below the
-        target) of an ordinary photo fits; anything larger is resized by the front-end."""
-        classifier = engine.classifier
-        where = self.batching.preprocess
-        on_engine = where == "engine" or (where == "auto" and classifier.device.type == "cuda")
-        if not on_engine or resize_mode(classifier.split) is None:
-            return 0
-        side = 2 * classifier.resize_short_side
-        return 3 * side * side * 3 // 2
+        return max(3 * size[1] * size[2], engine.classifier.ship_decoded_bytes(self.batching.preprocess))
 
     def _refuse(self, reason: str) -> None:
         """The load failed: tell every front-end waiting (and any that connects right now), then end."""
@@ -375,6 +366,9 @@ class Host:
         now = time.monotonic()
         rows = message.rows()
         engine = self.engines.get(message.generation)
+        # on a CPU a shipped image is resized as it arrives, beside the batch running; a GPU resizes
+        # the batch's images together, in the forward pass
+        on_arrival = engine is not None and engine.classifier.device.type == "cpu"
         jobs, refused = [], []
         for row in rows:
             slot, height, width = int(row["slot"]), int(row["height"]), int(row["width"])
@@ -383,7 +377,10 @@ class Host:
             elif engine is None:  # cannot happen: a model retires only once every front-end switched
                 refused.append((row, f"no model of generation {message.generation} is loaded"))
             else:
-                jobs.append(RemoteJob(frontend, row, ring.pixels(slot, height, width), now))
+                pixels = ring.pixels(slot, height, width)
+                if on_arrival and row["resize"]:
+                    pixels = engine.classifier.resize_crop(pixels)
+                jobs.append(RemoteJob(frontend, row, pixels, now))
         for row, reason in refused:
             RemoteJob(frontend, row, np.empty(0, np.uint8), now).fail(RuntimeError(reason))
         if refused:
