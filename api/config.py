@@ -186,7 +186,8 @@ class Settings(BaseSettings):
     )
     resize: Literal["fast", "exact"] = Field(
         "fast",
-        description="How a CPU resizes + crops: fast (only the crop's region resampled: about 60 % of the CPU, "
+        description="How a front-end resizes + crops (API_PREPROCESS=frontend, or an image too large to ship): "
+        "fast (only the crop's region resampled: about 60 % of the CPU, "
         "pixels equal to rounding, gated against exact: top-1 >= 99.5 %, scores within 0.02) or exact (timm's "
         "own steps, bit for bit).",
     )

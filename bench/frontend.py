@@ -1,7 +1,7 @@
 """Front-end-bound bench: `API_RUNTIME=null` (no forward pass), so HTTP, multipart, decoding, the IPC
 and the batch loop are all that costs. Runs on a 2-CPU machine; reports CPU per image per process.
 
-    python -m bench.frontend [--seconds 8] [--connections 16]      (make bench-frontend)
+    python -m bench.frontend [--seconds 8] [--connections 16] [--repeat 1]     (make bench-frontend)
 
 1. The engine loop's own ceiling: a feeder (no HTTP, no decoding) keeps jobs in the engine's queue
    through a shared-memory ring, as a front-end does; img/s and the engine's CPU per image.
@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -271,6 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         "--frontends", default="1,2", help="front-end counts for section 2, e.g. 1,4,8,15 on a GPU host"
     )
     parser.add_argument(
+        "--repeat", type=int, default=1, help="runs of each section-2 layout, round-robin; the median is printed"
+    )
+    parser.add_argument(
         "--model", default="", help="section 2 with a real forward pass, e.g. API_DEVICE=cuda,API_PRECISION=fp16"
     )
     args = parser.parse_args(argv)
@@ -294,31 +298,46 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.skip_http:
         return
-    rows = []
+    layouts = [
+        (name, preprocess, frontends) for name in IMAGES for preprocess in ("auto", "frontend") for frontends in counts
+    ]
+    runs: dict[tuple[str, str, int], list[dict[str, float]]] = {layout: [] for layout in layouts}
+    for _ in range(args.repeat):  # round-robin, so that the machine's drift falls on every layout alike
+        for name, preprocess, frontends in layouts:
+            runs[name, preprocess, frontends].append(
+                serve_and_measure(
+                    checkpoint,
+                    wrk_script(folder, jpegs[name]),
+                    frontends=frontends,
+                    preprocess=preprocess,
+                    seconds=args.seconds,
+                    connections=max(args.connections, 4 * frontends),
+                    folder=folder,
+                    model=model,
+                )
+            )
+    spread = f" (median of {args.repeat}, min-max)" if args.repeat > 1 else ""
     print(
-        "\n| image | resize in | front-ends | img/s | front-end CPU ms/img | engine CPU ms/img | cores busy | target |"
+        f"\n| image | resize in | front-ends | img/s | front-end CPU ms/img{spread} | engine CPU ms/img | cores busy "
+        "| target |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for name, preprocess in (
-        ("451x300", "auto"),
-        ("451x300", "frontend"),
-        ("1600x1066", "auto"),
-        ("1600x1066", "frontend"),
-    ):
-        script = wrk_script(folder, jpegs[name])
-        for frontends in counts:
-            row = serve_and_measure(
-                checkpoint, script, frontends=frontends, preprocess=preprocess, seconds=args.seconds,
-                connections=max(args.connections, 4 * frontends), folder=folder, model=model,
-            )  # fmt: skip
-            rows.append((name, preprocess, frontends, row))
-            target = TARGETS.get((name, preprocess))
-            print(
-                f"| {name} | {preprocess} | {frontends} | {row['img_s']:.0f} | {row['frontend_ms_per_image']:.3f} | "
-                f"{row['engine_ms_per_image']:.3f} | {row['cores_busy_servers']:.2f} | "
-                f"{'<= ' + str(target) + ' ms' if target else ''} |"
-                + (f" ({row['errors']:.0f} errors)" if row["errors"] else "")
-            )
+    rows = []
+    for layout in layouts:
+        measured = runs[layout]
+        row = {key: statistics.median(run[key] for run in measured) for key in measured[0]}
+        rows.append((*layout, row))
+        name, preprocess, frontends = layout
+        costs = [run["frontend_ms_per_image"] for run in measured]
+        ranged = f" ({min(costs):.3f}-{max(costs):.3f})" if len(costs) > 1 else ""
+        target = TARGETS.get((name, preprocess))
+        print(
+            f"| {name} | {preprocess} | {frontends} | {row['img_s']:.0f} | "
+            f"{row['frontend_ms_per_image']:.3f}{ranged} | "
+            f"{row['engine_ms_per_image']:.3f} | {row['cores_busy_servers']:.2f} | "
+            f"{'<= ' + str(target) + ' ms' if target else ''} |"
+            + (f" ({row['errors']:.0f} errors)" if row["errors"] else "")
+        )
     print(f"\nscaling, {counts[0]} -> more front-ends (target: front-end CPU/img changes <= 10 %):")
     for index in range(0, len(rows), len(counts)):
         one = rows[index][3]
