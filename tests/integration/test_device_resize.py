@@ -1,10 +1,11 @@
 """The two resizes that are not Pillow's agree with the exact PIL path on real photos: top-1 >= 99.5 %
 and max |probability difference| <= 0.02, for resnet50, efficientnet_b3 and convnext_base (and the
 demo's real ImageNet weights):
-- the engine-side resize + crop (api/engine/images/device_resize.py, what a GPU engine runs); runs on
-  the CPU: torch's CPU and CUDA antialiased kernels implement the same filter;
-- the fast CPU path (api/engine/images/fast_resize.py, only the crop's region resampled: API_RESIZE=fast,
-  the default)."""
+- the engine-side resize + crop (api/engine/images/device_resize.py: API_PREPROCESS=auto, the default,
+  on a CPU engine and a GPU one); runs here on the CPU, in the 8-bit kernels a CPU engine serves with
+  (torch's CUDA kernels implement the same filter in float);
+- the front-ends' fast path (api/engine/images/fast_resize.py, only the crop's region resampled:
+  API_RESIZE=fast, what API_PREPROCESS=frontend runs)."""
 
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ to 8-bit RGB the way a viewer would show it.
 from __future__ import annotations
 
 import ctypes
+import functools
 import io
 import itertools
 import math
@@ -130,12 +131,51 @@ def _looks_like_image(data: bytes) -> bool:
     return data.startswith(_IMAGE_MAGIC)
 
 
-def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, budget: DecodeBudget) -> DecodedImage:
-    """Decode an upload into an RGB image, refusing non-images, corrupt files and bombs.
+@dataclass
+class OpenedImage:
+    """An upload opened and priced, not decoded: its header read (and a reduced scale chosen), its
+    cost known. `decode` makes the pixels, once; the two halves may run on different threads (a
+    front-end decodes a cheap photo on its event loop, a costly one in its decode pool)."""
+
+    image: Image.Image  # opened by Pillow, maybe drafted, not loaded
+    data: bytes
+    width: int  # the canvas, before any reduced-scale decode
+    height: int
+    format: str
+    cost: Cost
+    rotated: bool
+    max_pixels: int
+
+    def decode(self) -> DecodedImage:
+        """The pixels, 8-bit RGB; InvalidImage (400) for a file that breaks while decoding."""
+        image, cost = self.image, self.cost
+        done = functools.partial(DecodedImage, width=self.width, height=self.height, format=self.format, cost=cost)
+        if jpeg.takes(image, rotated=self.rotated):
+            pixels = jpeg.decode(self.data, image.width, image.height)
+            if pixels is not None:
+                image.close()
+                return done(source=pixels)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own, lower limit holds
+            try:
+                image.load()
+                ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
+                rgb = to_rgb(image)
+            except Image.DecompressionBombError as error:
+                raise _too_large(error, self.max_pixels) from None
+            except _CORRUPT as error:
+                image.close()  # the part-decoded canvas goes now, not with the traceback
+                release_after_decode(cost.memory)
+                raise InvalidImage(f"corrupt or truncated image: {error}") from None
+        return done(source=rgb)
+
+
+def open_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, budget: DecodeBudget) -> OpenedImage:
+    """Open an upload and price its decode, refusing non-images, corrupt headers and bombs.
 
     With `reduce_to` (the shorter side the model's transform resizes to), a JPEG much larger than
-    that is decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (Pillow's `draft`), never below
-    `reduce_to`: a 12-megapixel photo then costs a fraction of a full decode. Before anything is
+    that will be decoded at 1/2, 1/4 or 1/8 scale by the decoder itself (Pillow's `draft`), never
+    below `reduce_to`: a 12-megapixel photo then costs a fraction of a full decode. Before anything is
     allocated the image is priced from its header (`api.engine.images.budget`) and refused (413) when it
     would cost more than `budget`.
     """
@@ -169,22 +209,12 @@ def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, 
         except (*_CORRUPT, TypeError, KeyError, IndexError, ZeroDivisionError) as error:
             # header fields that make no sense (a zero sampling factor, a tile size of the wrong type)
             raise InvalidImage(f"corrupt image header: {error or type(error).__name__}") from None
-        if jpeg.takes(image, rotated=facts.rotated):
-            pixels = jpeg.decode(data, image.width, image.height)
-            if pixels is not None:
-                image.close()
-                return DecodedImage(source=pixels, width=width, height=height, format=fmt, cost=cost)
-        try:
-            image.load()
-            ImageOps.exif_transpose(image, in_place=True)  # no copy when there is nothing to turn
-            rgb = to_rgb(image)
-        except Image.DecompressionBombError as error:
-            raise _too_large(error, max_pixels) from None
-        except _CORRUPT as error:
-            image.close()  # the part-decoded canvas goes now, not with the traceback
-            release_after_decode(cost.memory)
-            raise InvalidImage(f"corrupt or truncated image: {error}") from None
-    return DecodedImage(source=rgb, width=width, height=height, format=fmt, cost=cost)
+    return OpenedImage(image, data, width, height, fmt, cost, facts.rotated, max_pixels)
+
+
+def decode_image(data: bytes, *, max_pixels: int, reduce_to: int | None = None, budget: DecodeBudget) -> DecodedImage:
+    """Decode an upload into an RGB image: `open_image`, then its `decode`."""
+    return open_image(data, max_pixels=max_pixels, reduce_to=reduce_to, budget=budget).decode()
 
 
 def check_pixels(pixels: np.ndarray, *, max_pixels: int, budget: DecodeBudget) -> Cost:

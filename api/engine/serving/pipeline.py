@@ -20,7 +20,7 @@ from PIL import Image
 from api.config import BatchingSettings
 from api.engine.images import fast_resize
 from api.engine.images.budget import DecodeBudget
-from api.engine.images.decode import PIXELS_FORMAT, check_pixels, decode_image
+from api.engine.images.decode import PIXELS_FORMAT, OpenedImage, check_pixels, decode_image
 from api.engine.images.recipe import EXACT_RESIZE_LIMIT, Recipe
 from api.engine.memory import release_after_decode
 from api.engine.model.served import Served
@@ -147,7 +147,7 @@ _budget = lru_cache(maxsize=4)(DecodeBudget)
 
 
 def prepare_upload(
-    data: Upload,
+    data: Upload | OpenedImage,
     recipe: Recipe,
     options: BatchingSettings,
     *,
@@ -161,9 +161,12 @@ def prepare_upload(
     Only the pixels leave: a queued request holds its model input, never its canvas."""
     if isinstance(data, np.ndarray):
         return _prepare_pixels(data, recipe, options, ship_decoded_bytes)
-    decoded = decode_image(
-        data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options)
-    )
+    if isinstance(data, OpenedImage):  # opened and priced already (a front-end's event loop did it)
+        decoded = data.decode()
+    else:
+        decoded = decode_image(
+            data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options)
+        )
     info = ImageDescription(decoded.width, decoded.height, decoded.format)
     if _ships(*decoded.size, recipe, ship_decoded_bytes):
         pixels, needs_resize = decoded.pixels, True

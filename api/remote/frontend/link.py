@@ -37,6 +37,7 @@ import msgspec
 import numpy as np
 
 from api.config import BatchingSettings
+from api.engine.images.decode import OpenedImage, open_image
 from api.engine.model.served import Served
 from api.engine.serving.admission import Admission
 from api.engine.serving.pipeline import (
@@ -47,6 +48,7 @@ from api.engine.serving.pipeline import (
     StageObserver,
     Ticket,
     Upload,
+    decode_budget,
     outcomes_in_order,
     prepare_upload,
 )
@@ -90,6 +92,14 @@ from api.remote.messages import (
 logger = logging.getLogger(__name__)
 
 MAX_RING_SLOTS = 4096
+# A small JPEG (INLINE_BYTES or less: its header is read on the event loop, bounded) priced at most
+# INLINE_WORK (the budget's units: full-scale baseline JPEG pixels; a 451x300 photo is about 0.3 M)
+# is decoded on the event loop itself: the hand-off to a decode thread and back costs a front-end
+# more CPU than such a decode (measured: 0.4 ms of 2.2 per photo, docs/performance.md). A larger
+# or costlier upload, or any other format, goes to the decode pool, so the loop never waits on one.
+INLINE_BYTES = 256 * 1024
+INLINE_WORK = 500_000
+_JPEG_MAGIC = b"\xff\xd8\xff"
 
 
 class EngineLink:
@@ -354,8 +364,17 @@ class EngineLink:
 
     # --- decoding ------------------------------------------------------------------------------------
 
+    def _open_small_jpeg(self, view: ModelView, data: Upload) -> OpenedImage | None:
+        """A small JPEG opened and priced here (4xx for a bad one); None for anything else."""
+        if not isinstance(data, bytes) or len(data) > INLINE_BYTES or not data.startswith(_JPEG_MAGIC):
+            return None
+        options = self.options
+        return open_image(
+            data, max_pixels=options.max_image_pixels, reduce_to=view.reduce_to, budget=decode_budget(options)
+        )
+
     def _write(
-        self, view: ModelView, data: Upload, ring: wire.Ring, slot: int
+        self, view: ModelView, data: Upload | OpenedImage, ring: wire.Ring, slot: int
     ) -> tuple[ImageDescription, int, int, int]:
         info, pixels, needs_resize = prepare_upload(
             data, view.recipe, self.options, reduce_to=view.reduce_to, ship_decoded_bytes=view.ship_decoded_bytes
@@ -373,10 +392,15 @@ class EngineLink:
         # the slot freed last: its pages are warm, and a ring touches no more slots than are ever in flight
         slot = self._free.pop()
         loop = asyncio.get_running_loop()
-        job = functools.partial(contextvars.copy_context().run, self._write, view, data, ring, slot)
         started = time.perf_counter()
         try:
-            info, height, width, resize = await loop.run_in_executor(self._decoder, job)
+            opened = self._open_small_jpeg(view, data)
+            if opened is not None and opened.cost.work <= INLINE_WORK:  # cheap: decoded here, on the event loop
+                info, height, width, resize = self._write(view, opened, ring, slot)
+            else:
+                upload = data if opened is None else opened
+                job = functools.partial(contextvars.copy_context().run, self._write, view, upload, ring, slot)
+                info, height, width, resize = await loop.run_in_executor(self._decoder, job)
         except RequestError as error:
             self._free_slot(ring, slot)
             return error
