@@ -31,12 +31,17 @@ import numpy as np
 
 from api.config import BatchingSettings
 from api.engine.images import fast_resize
-from api.engine.images.decode import decode_image
+from api.engine.images.decode import decode_image, open_image
 from api.engine.images.recipe import Recipe
 from api.engine.serving.pipeline import decode_budget
+from api.remote.frontend.link import INLINE_BYTES, INLINE_WORK
 
 # (step, files whose frames belong to it), first match wins; a frame in none is a helper (see above)
+INLINE_DECODE = (
+    "opening, pricing, decoding on the event loop"  # a small JPEG's (api/remote/frontend/link.py): timed, not sampled
+)
 LOOP_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    (INLINE_DECODE, ("api/engine/images/", "PIL/", "simplejpeg", "api/engine/serving/pipeline.py:prepare_upload")),
     ("multipart parsing", ("python_multipart/", "starlette/formparsers.py", "api/http/uploads.py", "tempfile.py",
                            "starlette/datastructures.py:UploadFile", "starlette/requests.py:Request.form")),
     ("access log", ("api/http/requestlog.py", "api/logs.py", "logging/")),
@@ -151,15 +156,33 @@ def decode_steps(
     return costs
 
 
-def table(loop_ms: float, shares: dict[str, float], decode_ms: float, steps: dict[str, float]) -> str:
-    """Markdown rows: each step's CPU milliseconds per image and its share of the front-end's."""
-    total = loop_ms + decode_ms
+def decoded_inline(data: bytes, recipe: Recipe, options: BatchingSettings) -> bool:
+    """Whether a front-end decodes `data` on its event loop (api/remote/frontend/link.py's rule)."""
+    if len(data) > INLINE_BYTES or not data.startswith(b"\xff\xd8\xff"):
+        return False
+    reduce_to = recipe.resize_short_side if options.reduced_decode else None
+    opened = open_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options))
+    opened.image.close()
+    return opened.cost.work <= INLINE_WORK
+
+
+def table(loop_ms: float, shares: dict[str, float], pool_ms: float, steps: dict[str, float], *, inline: bool) -> str:
+    """Markdown rows: each step's CPU milliseconds per image and its share of the front-end's. With
+    `inline`, the timed decode steps ran on the event loop: they come out of its CPU before the rest
+    is split by the samples (the decode releases the GIL, so the samples do not see it)."""
+    total = loop_ms + pool_ms
+    timed = sum(steps.values()) if inline else 0.0
+    sampled = {step: share for step, share in shares.items() if not (inline and step == INLINE_DECODE)}
+    scale = (loop_ms - timed) / (sum(sampled.values()) or 1.0)
     rows = ["| thread | step | CPU ms/img | share |", "| --- | --- | --- | --- |"]
-    for step, share in sorted(shares.items(), key=lambda item: -item[1]):
-        rows.append(f"| event loop | {step} | {share * loop_ms:.3f} | {share * loop_ms / total:.1%} |")
-    rest = decode_ms - sum(steps.values())
-    for step, ms in [*steps.items(), ("hand-off to and from the pool, GIL waits (the remainder)", rest)]:
-        rows.append(f"| decode threads | {step} | {ms:.3f} | {ms / total:.1%} |")
+    for step, share in sorted(sampled.items(), key=lambda item: -item[1]):
+        rows.append(f"| event loop | {step} | {share * scale:.3f} | {share * scale / total:.1%} |")
+    where = "event loop" if inline else "decode threads"
+    for step, ms in steps.items():
+        rows.append(f"| {where} | {step} (timed) | {ms:.3f} | {ms / total:.1%} |")
+    rest = pool_ms if inline else pool_ms - sum(steps.values())
+    remainder = "hand-off to and from the pool, GIL waits (the remainder)"
+    rows.append(f"| decode threads | {remainder} | {rest:.3f} | {rest / total:.1%} |")
     rows.append(f"| all | | {total:.3f} | 100% |")
     return "\n".join(rows)
 

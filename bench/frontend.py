@@ -380,8 +380,11 @@ def print_breakdown(
         )
         shares = breakdown.loop_shares((folder / f"{name}.spy").read_text().splitlines())
         loop_ms = default["frontend_loop_ms_per_image"]
-        steps = breakdown.decode_steps(jpeg.read_bytes(), recipe, options, ship=True)
-        print(breakdown.table(loop_ms, shares, default["frontend_ms_per_image"] - loop_ms, steps))
+        data = jpeg.read_bytes()
+        steps = breakdown.decode_steps(data, recipe, options, ship=True)
+        inline = breakdown.decoded_inline(data, recipe, options)
+        print(f"decoded {'on the event loop' if inline else 'in the decode pool'} (api/remote/frontend/link.py)")
+        print(breakdown.table(loop_ms, shares, default["frontend_ms_per_image"] - loop_ms, steps, inline=inline))
 
 
 def _resnet50_recipe() -> Recipe:
