@@ -1,11 +1,12 @@
 """The recipe's resize + crop on the model's device (a batch of decoded images of any sizes).
 
-Used when the engine process resizes (`API_PREPROCESS`): the front-ends then ship decoded images
-instead of resizing them on their CPUs, which for a small photo costs twice the decode. Antialiased
+What the engine process runs (`API_PREPROCESS=auto`): the front-ends ship decoded images instead of
+resizing them with Pillow, which for a small photo costs three times the decode. Antialiased
 like PIL (torch's `antialias=True` filters follow PIL's), then rounded to uint8, so the runtime sees
 what it sees from the PIL path. On a CPU the 8-bit pixels are resized as they are, by torch's
 vectorised uint8 kernels (Pillow-SIMD's algorithm: 8-bit between the two passes, as Pillow): about
-0.3 ms for a 451x300 photo where Pillow takes 1.7; on a GPU in float32, each pass rounded to 8 bits.
+0.26 ms for a 451x300 photo where Pillow takes 1.1 (fast) to 1.7 (exact); on a GPU in float32,
+each pass rounded to 8 bits.
 tests/integration/test_device_resize.py gates it against the exact PIL path on real photos for three
 architectures and the demo's real weights.
 """
