@@ -44,7 +44,7 @@ from api.engine.memory import release_free_memory
 from api.engine.model.choice import MeasurementNeeded
 from api.engine.serving.figures import EngineFigures
 from api.engine.serving.service import Engine
-from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError
+from api.errors import EXIT_LOAD_FAILED, ModelLoadError, StartupError, first_line
 from api.remote import wire
 from api.remote.entrypoints import EngineConfig
 from api.remote.host.aside import AsideFailed
@@ -379,7 +379,11 @@ class Host:
             else:
                 pixels = ring.pixels(slot, height, width)
                 if on_arrival and row["resize"]:
-                    pixels = engine.classifier.resize_crop(pixels)
+                    try:
+                        pixels = engine.classifier.resize_crop(pixels)
+                    except Exception as error:  # that image fails, never this thread (as a failed batch)
+                        refused.append((row, f"resizing a {width}x{height} image failed: {first_line(error)}"))
+                        continue
                 jobs.append(RemoteJob(frontend, row, pixels, now))
         for row, reason in refused:
             RemoteJob(frontend, row, np.empty(0, np.uint8), now).fail(RuntimeError(reason))
