@@ -31,10 +31,10 @@ import numpy as np
 
 from api.config import BatchingSettings
 from api.engine.images import fast_resize
-from api.engine.images.decode import decode_image, open_image
+from api.engine.images.decode import decode_image
 from api.engine.images.recipe import Recipe
 from api.engine.serving.pipeline import decode_budget
-from api.remote.frontend.link import INLINE_BYTES, INLINE_WORK
+from api.remote.frontend.link import INLINE_WORK, open_small_jpeg
 
 # (step, files whose frames belong to it), first match wins; a frame in none is a helper (see above)
 INLINE_DECODE = (
@@ -158,10 +158,10 @@ def decode_steps(
 
 def decoded_inline(data: bytes, recipe: Recipe, options: BatchingSettings) -> bool:
     """Whether a front-end decodes `data` on its event loop (api/remote/frontend/link.py's rule)."""
-    if len(data) > INLINE_BYTES or not data.startswith(b"\xff\xd8\xff"):
-        return False
     reduce_to = recipe.resize_short_side if options.reduced_decode else None
-    opened = open_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options))
+    opened = open_small_jpeg(data, reduce_to=reduce_to, options=options)
+    if opened is None:
+        return False
     opened.image.close()
     return opened.cost.work <= INLINE_WORK
 

@@ -102,6 +102,14 @@ INLINE_WORK = 500_000
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
+def open_small_jpeg(data: Upload, *, reduce_to: int | None, options: BatchingSettings) -> OpenedImage | None:
+    """A JPEG of INLINE_BYTES or less, opened and priced (4xx for a bad one); None for anything else.
+    The event loop decodes it where its cost is INLINE_WORK or less."""
+    if not isinstance(data, bytes) or len(data) > INLINE_BYTES or not data.startswith(_JPEG_MAGIC):
+        return None
+    return open_image(data, max_pixels=options.max_image_pixels, reduce_to=reduce_to, budget=decode_budget(options))
+
+
 class EngineLink:
     def __init__(self, options: BatchingSettings, decode_threads: int, observer: StageObserver, *, stall_s: float):
         self.options = options
@@ -366,12 +374,7 @@ class EngineLink:
 
     def _open_small_jpeg(self, view: ModelView, data: Upload) -> OpenedImage | None:
         """A small JPEG opened and priced here (4xx for a bad one); None for anything else."""
-        if not isinstance(data, bytes) or len(data) > INLINE_BYTES or not data.startswith(_JPEG_MAGIC):
-            return None
-        options = self.options
-        return open_image(
-            data, max_pixels=options.max_image_pixels, reduce_to=view.reduce_to, budget=decode_budget(options)
-        )
+        return open_small_jpeg(data, reduce_to=view.reduce_to, options=self.options)
 
     def _write(
         self, view: ModelView, data: Upload | OpenedImage, ring: wire.Ring, slot: int
