@@ -42,8 +42,8 @@ INLINE_DECODE = (
 )
 LOOP_STEPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     (INLINE_DECODE, ("api/engine/images/", "PIL/", "simplejpeg", "api/engine/serving/pipeline.py:prepare_upload")),
-    ("multipart parsing", ("python_multipart/", "starlette/formparsers.py", "api/http/uploads.py", "tempfile.py",
-                           "starlette/datastructures.py:UploadFile", "starlette/requests.py:Request.form")),
+    ("multipart parsing", ("python_multipart/", "api/http/multipart.py", "api/http/uploads.py",
+                           "starlette/requests.py:Request.stream")),
     ("access log", ("api/http/requestlog.py", "api/logs.py", "logging/")),
     ("metrics", ("api/http/metrics.py", "prometheus_client/")),
     ("body limit", ("api/http/body_limit.py",)),

@@ -11,10 +11,10 @@ import binascii
 import json
 from dataclasses import dataclass
 
-from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from api.errors import InvalidBase64, InvalidJson, InvalidMultipart, MissingFile, PayloadTooLarge
+from api.http.multipart import MultipartError, read_form
 
 FIELD = "file"
 
@@ -59,40 +59,24 @@ def _name(upload: UploadedFile) -> str:
 
 async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
     try:
-        form = await request.form(max_files=max_files, max_fields=64)
-    except PayloadTooLarge:
-        raise
-    except Exception as error:  # python-multipart / starlette raise several types for broken bodies
-        raise InvalidMultipart(f"malformed multipart body: {_root_cause(error)}") from None
-    try:
-        values = form.getlist(FIELD)
-        files = [value for value in values if isinstance(value, UploadFile)]
-        if not files:
-            others = sorted({key for key in form if key != FIELD})
-            if values:
-                raise MissingFile(f'field {FIELD!r} must be a file upload (curl -F "{FIELD}=@cat.jpg")')
-            hint = f"; got fields {others[:10]}" if others else ""
-            raise MissingFile(f'no multipart file field named {FIELD!r}{hint} (curl -F "{FIELD}=@cat.jpg")')
-        uploads = []
-        for item in files:
-            data = await item.read(max_bytes + 1)
-            uploads.append(UploadedFile(filename=item.filename, data=data))
-        return uploads
-    finally:
-        await form.close()
+        parts = await read_form(request, max_files=max_files, max_fields=64)
+    except MultipartError as error:
+        raise InvalidMultipart(f"malformed multipart body: {_reason(error)}") from None
+    values = [part for part in parts if part.name == FIELD]
+    files = [UploadedFile(filename=part.filename, data=part.data) for part in values if part.filename is not None]
+    if not files:
+        if values:
+            raise MissingFile(f'field {FIELD!r} must be a file upload (curl -F "{FIELD}=@cat.jpg")')
+        others = sorted({part.name for part in parts})
+        hint = f"; got fields {others[:10]}" if others else ""
+        raise MissingFile(f'no multipart file field named {FIELD!r}{hint} (curl -F "{FIELD}=@cat.jpg")')
+    return files
 
 
-def _root_cause(error: BaseException) -> str:
-    """Why the body is malformed. Starlette wraps python-multipart's own reason (e.g. "Maximum header
-    size exceeded", which a very long filename hits) in a generic "Invalid multipart data": use it."""
-    reason = str(getattr(error, "detail", None) or error)
-    inner: BaseException | None = error
-    while inner is not None:
-        if type(inner).__module__.split(".")[0] in ("python_multipart", "multipart"):
-            reason = str(inner)
-            break
-        inner = inner.__cause__ or inner.__context__
-    reason = reason.strip().rstrip(".")
+def _reason(error: MultipartError) -> str:
+    """Why the body is malformed, as the parser said it (python-multipart's reason, e.g. "Maximum
+    header size exceeded", which a very long filename hits), with the fix where it is not obvious."""
+    reason = str(error).strip().rstrip(".")
     if "header size" in reason.lower():
         reason += " (a part's headers, the filename included, must stay under 4 KiB)"
     return reason or type(error).__name__
