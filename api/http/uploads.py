@@ -29,7 +29,7 @@ async def read_uploads(request: Request, *, max_bytes: int, max_files: int) -> l
     """Every upload in the request, each at most `max_bytes`; at most `max_files` of them."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        uploads = await _read_multipart(request, max_bytes=max_bytes, max_files=max_files)
+        uploads = await _read_multipart(request, max_files=max_files)
     elif content_type == "application/json":
         uploads = [_read_base64(await request.body(), max_bytes=max_bytes)]
     elif content_type == "application/x-www-form-urlencoded":
@@ -57,7 +57,7 @@ def _name(upload: UploadedFile) -> str:
     return repr(upload.filename[:100]) if upload.filename else "the image"
 
 
-async def _read_multipart(request: Request, *, max_bytes: int, max_files: int) -> list[UploadedFile]:
+async def _read_multipart(request: Request, *, max_files: int) -> list[UploadedFile]:
     try:
         parts = await read_form(request, max_files=max_files, max_fields=64)
     except MultipartError as error:
